@@ -1,0 +1,69 @@
+"""The LTE hyper-parameters that shape a prepared model."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from ..errors import ConfigError
+
+RESETS = ("b", "none", "ab")
+OTHER_PARAMS = ("replica", "frozen")
+
+
+@dataclass(frozen=True)
+class LTEConfig:
+    """How `lte.prepare` turns a model into N parallel LoRA heads.
+
+    heads:        number of heads N held by this model (all of them in simulated mode, the
+                  local ones on a worker).
+    rank:         LoRA rank r of every head.
+    alpha:        LoRA alpha; the head output is scaled by s = alpha / rank. The paper uses
+                  alpha=4096 (s=64 at rank 64) with a lower learning rate.
+    reset:        what a merge does to the heads afterwards: "b" zeroes B and keeps A and the
+                  optimizer state (paper Alg. 1); "ab" also re-draws A; "none" keeps both and
+                  merges only what changed since the previous merge.
+    other_params: trainable parameters outside nn.Linear (norm affine, biases, embeddings,
+                  position embeddings, class tokens): "replica" trains one copy per head and
+                  averages them at merge; "frozen" keeps them at their initial value.
+    patch_conv:   turn a Conv2d whose kernel equals its stride (a ViT/Mixer patch embedding)
+                  into an LTE linear; other convolutions follow `other_params`.
+    seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the
+                  same head is initialised the same wherever it runs.
+    """
+
+    heads: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    reset: str = "b"
+    other_params: str = "replica"
+    patch_conv: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        _require_int(self, "heads", minimum=1)
+        _require_int(self, "rank", minimum=1)
+        _require_int(self, "seed", minimum=0)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"LTEConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if self.reset not in RESETS:
+            raise ConfigError(f"LTEConfig.reset must be one of {RESETS}, got {self.reset!r}")
+        if self.other_params not in OTHER_PARAMS:
+            raise ConfigError(
+                f"LTEConfig.other_params must be one of {OTHER_PARAMS}, got {self.other_params!r}")
+        if not isinstance(self.patch_conv, bool):
+            raise ConfigError(f"LTEConfig.patch_conv must be true or false, got {self.patch_conv!r}")
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / rank, the factor on every head's B A x."""
+        return float(self.alpha) / self.rank
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _require_int(cfg, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"LTEConfig.{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,102 @@
+"""The LTE linear layer: a frozen base weight plus N LoRA heads stored stacked.
+
+In training the batch is cut into N equal contiguous slices and head h sees slice h only:
+    y[slice h] = x[slice h] W^T + s * x[slice h] A_h^T B_h^T (+ bias_h)
+The base product runs once over the whole batch; the heads run as two batched matmuls
+(bmm, then baddbmm accumulating into the base output). benchmarks/lte_layer.py compares this
+with torch.func.vmap over a per-head function; the explicit form was faster (see README).
+In eval the layer is the merged linear alone: x W^T + b, for any batch size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BatchError
+
+
+class LTELinear(nn.Module):
+    """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
+                 scale: float, train_bias: bool, resetless: bool):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.heads, self.rank, self.scale = heads, rank, scale
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.lora_A = nn.Parameter(weight.new_zeros(heads, rank, in_features))
+        self.lora_B = nn.Parameter(weight.new_zeros(heads, out_features, rank))
+        self.bias_heads = None
+        if bias is not None and train_bias:
+            self.bias_heads = nn.Parameter(bias.detach().expand(heads, out_features).clone())
+        if resetless:
+            # Factors as of the last merge: the head's effective weight is W + s (B A - B0 A0).
+            self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+        else:
+            self.lora_A0 = self.lora_B0 = None
+
+    @property
+    def export_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of every head, with the last-merge snapshot folded in for reset="none"."""
+        if self.lora_A0 is None:
+            return self.lora_A, self.lora_B
+        return (torch.cat([self.lora_A, self.lora_A0], dim=1),
+                torch.cat([self.lora_B, -self.lora_B0], dim=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        n = self.heads
+        if x.shape[0] % n:
+            raise BatchError(f"an LTE layer got a batch of {x.shape[0]} rows, which does not split "
+                             f"into {n} equal head slices")
+        frozen_bias = self.bias if self.bias_heads is None else None
+        y = F.linear(x, self.weight, frozen_bias)
+        A, B = self.factors()
+        xa = torch.bmm(x.reshape(n, -1, self.in_features), A.transpose(1, 2).to(x.dtype))
+        yh = torch.baddbmm(y.view(n, -1, self.out_features), xa, B.transpose(1, 2).to(xa.dtype),
+                           alpha=self.scale)
+        if self.bias_heads is not None:
+            yh = yh + self.bias_heads.unsqueeze(1).to(yh.dtype)
+        return yh.view(y.shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"heads={self.heads}, rank={self.rank}, scale={self.scale:g}")
+
+
+class LTEPatchConv(LTELinear):
+    """A Conv2d whose kernel equals its stride (a patch embedding), run as an LTE linear on patches."""
+
+    def __init__(self, conv: nn.Conv2d, **kw):
+        weight = conv.weight.detach()
+        super().__init__(weight.reshape(weight.shape[0], -1), conv.bias, **kw)
+        self.in_channels = conv.in_channels
+        self.kernel_size = tuple(conv.kernel_size)
+
+    @property
+    def export_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.kernel_size
+        gh, gw = h // ph, w // pw  # a conv drops the remainder rows/columns too
+        patches = (x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
+                   .permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw))
+        y = super().forward(patches)
+        return y.transpose(1, 2).reshape(b, self.out_features, gh, gw)
+
+
+def is_patch_conv(module: nn.Module) -> bool:
+    """A conv that is exactly a linear map on non-overlapping patches."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride)
+            and module.groups == 1 and tuple(module.dilation) == (1, 1)
+            and module.padding in ((0, 0), 0, "valid") and module.padding_mode == "zeros")

@@ -1,0 +1,74 @@
+"""The merge algebra, on plain tensors, so the simulated trainer and the parameter server share it.
+
+A merge moves the heads' progress into the master weights:
+    W <- W + (s / N) * sum_n B_n A_n          one matmul over the concatenated factors, in fp32
+    p <- mean_n p_n                           for every replicated parameter
+Tensors are named as in a prepared model's state_dict: a layer L owns the master "L.weight"
+and the heads "L.lora_A" (N x r x in) and "L.lora_B" (N x out x r); a replicated parameter P
+owns the master "P" and the heads "P_heads" (N x *P.shape).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEADS_SUFFIX = "_heads"
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What a merge touches: the LTE layers and the replicated parameters, by name."""
+
+    layers: tuple[str, ...]      # module paths of LTE layers; master key "L.weight"
+    replicas: tuple[str, ...]    # parameter names (incl. LTE layer biases); heads key f"{P}_heads"
+    scale: float                 # s = alpha / rank
+    resetless: bool = False      # reset="none": merge B A - B0 A0 (what changed since last merge)
+
+    def master_keys(self) -> list[str]:
+        return [key(layer, "weight") for layer in self.layers] + list(self.replicas)
+
+    def head_keys(self) -> list[str]:
+        keys = []
+        for layer in self.layers:
+            keys += [key(layer, "lora_A"), key(layer, "lora_B")]
+            if self.resetless:
+                keys += [key(layer, "lora_A0"), key(layer, "lora_B0")]
+        return keys + [p + HEADS_SUFFIX for p in self.replicas]
+
+
+def key(path: str, name: str) -> str:
+    """state_dict key of `name` on the module at `path` ("" is the root)."""
+    return f"{path}.{name}" if path else name
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """(scale / N) * sum_n B_n A_n for A: N x r x in, B: N x out x r, as [B_1..B_N] @ [A_1;..;A_N]."""
+    n, r, d_in = A.shape
+    d_out = B.shape[1]
+    b_cat = B.float().permute(1, 0, 2).reshape(d_out, n * r)
+    a_cat = A.float().reshape(n * r, d_in)
+    return torch.mm(b_cat, a_cat).mul_(scale / n)
+
+
+@torch.no_grad()
+def merge_into(master: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], spec: MergeSpec,
+               keep: torch.Tensor | None = None) -> None:
+    """Apply one merge to `master` in place.
+
+    heads holds every head's tensors stacked on dim 0 in global head order; `keep` (a bool mask
+    over heads) leaves some out, and the average is then over the kept heads only.
+    """
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if keep is None else t[keep.to(t.device)]
+
+    for layer in spec.layers:
+        A, B = heads[key(layer, "lora_A")], heads[key(layer, "lora_B")]
+        if spec.resetless:
+            A = torch.cat([A, heads[key(layer, "lora_A0")]], dim=1)
+            B = torch.cat([B, -heads[key(layer, "lora_B0")]], dim=2)
+        W = master[key(layer, "weight")]
+        delta = lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale)
+        W.add_(delta.view(W.shape).to(W.dtype))
+    for name in spec.replicas:
+        master[name].copy_(pick(heads[name + HEADS_SUFFIX]).float().mean(0))

@@ -1,0 +1,257 @@
+"""The injection API: prepare a model in place, merge its heads, export the plain weights.
+
+    model = prepare(model, cfg)   # nn.Linear -> LTELinear; other parameters replicated or frozen
+    merge(model)                  # W += (s/N) sum_h B_h A_h; replicas averaged; heads reset
+    export(model)                 # state_dict with the original keys and shapes
+
+A prepared model keeps its own classes and module paths except that every nn.Linear (and every
+patch-embedding conv) is an LTELinear. Its trainable parameters are exactly the per-head tensors,
+each stacked on dim 0, which is what per-head optimisers and gradient clipping rely on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .config import LTEConfig
+from .init import init_lora_A
+from .linear import LTELinear, LTEPatchConv, is_patch_conv
+from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
+from .replica import BatchSplit, make_headwise, replicate
+
+MERGES_KEY = "lte_merges"
+
+
+@dataclass
+class LTEState:
+    """What a prepared model remembers about its preparation (kept off the state_dict)."""
+
+    cfg: LTEConfig
+    spec: MergeSpec
+    first_head: int
+    split: BatchSplit
+
+
+def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, str]]]:
+    """Which layers become LTE layers and which parameters are replicated, for a plain model.
+
+    Returns the merge spec and the (module path, parameter name) pairs to replicate. The
+    parameter server calls this on its own plain copy of the model to know what a merge touches.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            raise ModelError(
+                f"module '{name or type(model).__name__}' is an nn.MultiheadAttention, which uses its "
+                "projection weights directly instead of calling nn.Linear; build the model with "
+                "attention made of nn.Linear layers (timm's ViT does)")
+    _refuse_tied(model)
+
+    layers, replicas, to_replicate = [], [], []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (cfg.patch_conv and is_patch_conv(module)):
+            layers.append(path)
+            if module.bias is not None and module.bias.requires_grad and cfg.other_params == "replica":
+                replicas.append(_join(path, "bias"))
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or cfg.other_params == "frozen":
+                continue
+            _check_replicable(model, path, module, pname, param)
+            replicas.append(_join(path, pname))
+            to_replicate.append((path, pname))
+    if not layers:
+        raise ModelError(f"model {type(model).__name__} has no nn.Linear layer for LTE to train")
+    spec = MergeSpec(tuple(layers), tuple(replicas), cfg.scale, resetless=cfg.reset == "none")
+    return spec, to_replicate
+
+
+def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Module:
+    """Turn `model` into `cfg.heads` LoRA heads, in place, and return it.
+
+    first_head is the global index of this model's first head (non-zero on a worker that holds
+    heads k..k+n-1 of a larger run); it only seeds the heads' initialisation.
+    """
+    if not isinstance(cfg, LTEConfig):
+        raise TypeError(f"cfg must be an lte.LTEConfig, got {type(cfg).__name__}")
+    if hasattr(model, "_lte"):
+        raise ModelError("model is already prepared for LTE")
+    spec, to_replicate = plan(model, cfg)
+    layer_kw = dict(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale,
+                    train_bias=cfg.other_params == "replica", resetless=cfg.reset == "none")
+
+    root = model
+    for path in spec.layers:
+        old = model.get_submodule(path)
+        if isinstance(old, nn.Linear):
+            new = LTELinear(old.weight.detach(), None if old.bias is None else old.bias.detach(), **layer_kw)
+        else:
+            new = LTEPatchConv(old, **layer_kw)
+        new.train(old.training)
+        init_lora_A(new.lora_A, path, cfg.seed, first_head)
+        if new.lora_A0 is not None:
+            new.lora_A0.copy_(new.lora_A)
+        if path:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        else:
+            root = new  # the model itself was a single nn.Linear
+
+    loose, leaf_params = [], {}
+    for path, pname in to_replicate:
+        owner = root.get_submodule(path)
+        if next(owner.children(), None) is None:
+            leaf_params.setdefault(path, []).append(pname)
+        else:
+            replicate(owner, pname, cfg.heads)
+            loose.append((owner, pname))
+    for path, names in leaf_params.items():
+        make_headwise(root.get_submodule(path), names, cfg.heads)
+
+    split = BatchSplit(cfg.heads, loose)
+    root.register_forward_pre_hook(split.before, with_kwargs=True)
+    root.register_forward_hook(split.after, with_kwargs=True)
+    root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
+    root._lte = LTEState(cfg, spec, first_head, split)
+    if cfg.other_params == "frozen":
+        trained = {id(t) for t in head_state(root).values()}
+        for param in root.parameters():
+            if id(param) not in trained:
+                param.requires_grad_(False)
+    return root
+
+
+def state_of(model: nn.Module) -> LTEState:
+    state = getattr(model, "_lte", None)
+    if state is None:
+        raise ModelError("model is not prepared for LTE: call lte.prepare(model, cfg) first")
+    return state
+
+
+def lte_layers(model: nn.Module) -> list[tuple[str, LTELinear]]:
+    return [(path, model.get_submodule(path)) for path in state_of(model).spec.layers]
+
+
+def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every per-head tensor of the model (stacked on dim 0), by state_dict key."""
+    sd = model.state_dict(keep_vars=True)
+    return {key: sd[key] for key in state_of(model).spec.head_keys()}
+
+
+def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The merged weights the model trains against, by state_dict key (views, not copies).
+
+    In simulated mode these buffers are the master copy that a merge updates in place; a worker
+    of a parameter server receives them from the server instead.
+    """
+    sd = model.state_dict(keep_vars=True)
+    return {key: sd[key] for key in state_of(model).spec.master_keys()}
+
+
+@torch.no_grad()
+def load_master(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy merged weights (original shapes allowed) into the model's buffers."""
+    for key, target in master_state(model).items():
+        if tensors[key] is not target:
+            target.copy_(tensors[key].reshape(target.shape))
+
+
+@torch.no_grad()
+def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool | None = None) -> None:
+    """Start the next round: per cfg.reset, and every replica copy back to the merged value.
+
+    `heads` restricts the reset to some local heads; `redraw` forces re-drawing A (used to
+    restart heads whose update was rejected).
+    """
+    state = state_of(model)
+    cfg = state.cfg
+    draw = int(getattr(model, MERGES_KEY))
+    idx = slice(None) if heads is None else torch.tensor(heads, dtype=torch.long)
+    redraw = cfg.reset == "ab" if redraw is None else redraw
+    for path, layer in lte_layers(model):
+        if cfg.reset == "none" and not redraw:
+            layer.lora_A0[idx] = layer.lora_A[idx]
+            layer.lora_B0[idx] = layer.lora_B[idx]
+            continue
+        layer.lora_B[idx] = 0
+        if redraw:
+            init_lora_A(layer.lora_A, path, cfg.seed, state.first_head, draw=draw,
+                        heads=None if heads is None else list(heads))
+            if layer.lora_A0 is not None:
+                layer.lora_A0[idx] = layer.lora_A[idx]
+                layer.lora_B0[idx] = 0
+    masters, stacks = master_state(model), head_state(model)
+    for name in state.spec.replicas:
+        stack = stacks[name + HEADS_SUFFIX]
+        stack[idx] = masters[name].to(stack.dtype)
+
+
+def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Merge every head into the weights, then reset the heads (per cfg.reset).
+
+    W += (s/N) sum_h B_h A_h is computed in fp32 as one matmul per layer; replicated parameters
+    become the mean of their copies. With reset="ab", A is re-drawn and, if `optimizer` is
+    given, the moments of the re-drawn factors are cleared.
+    """
+    state = state_of(model)
+    merge_into(master_state(model), head_state(model), state.spec)
+    getattr(model, MERGES_KEY).add_(1)
+    reset_heads(model)
+    if optimizer is not None and state.cfg.reset == "ab":
+        clear_optimizer_state(optimizer, [p for _, layer in lte_layers(model)
+                                          for p in (layer.lora_A, layer.lora_B)])
+
+
+def clear_optimizer_state(optimizer: torch.optim.Optimizer, params, heads: list[int] | None = None) -> None:
+    """Zero the optimizer moments of `params` (only rows `heads` of each, if given)."""
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                if heads is None:
+                    value.zero_()
+                else:
+                    value[torch.tensor(heads, dtype=torch.long)] = 0
+
+
+def export(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The merged weights as a plain state_dict of the original model (keys and shapes).
+
+    Progress made by the heads since the last merge is not included: merge first.
+    """
+    state = state_of(model)
+    skip = set(state.spec.head_keys()) | {MERGES_KEY}
+    out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
+    for path, layer in lte_layers(model):
+        key = _join(path, "weight")
+        out[key] = out[key].reshape(layer.export_shape)
+    return out
+
+
+def _refuse_tied(model: nn.Module) -> None:
+    seen: dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            key = _join(path, pname)
+            first = seen.setdefault(id(param), key)
+            if first != key:
+                raise ModelError(f"parameters '{first}' and '{key}' are the same tensor (tied weights "
+                                 "or a module used twice); LTE keeps one base weight per layer, so "
+                                 "untie them before prepare")
+
+
+def _check_replicable(model, path, module, pname, param) -> None:
+    name = _join(path, pname)
+    if next(module.children(), None) is None:
+        stats = [b for b, t in module.named_buffers(recurse=False) if t is not None]
+        if stats:
+            raise ModelError(
+                f"module '{path}' ({type(module).__name__}) keeps running statistics {stats}, which "
+                "per-head training cannot share; use a model without them or LTEConfig(other_params='frozen')")
+        return
+    if param.dim() == 0 or param.shape[0] != 1:
+        raise ModelError(
+            f"cannot replicate parameter '{name}' per head: it belongs to a module with submodules "
+            f"and has shape {tuple(param.shape)} with no leading batch-broadcast dimension of 1; move "
+            "it into a leaf module or use LTEConfig(other_params='frozen')")

@@ -1,0 +1,120 @@
+"""Per-head copies of parameters that are not LoRA-factorised (norm affine, embeddings, tokens).
+
+A replicated parameter P stays on its module under its own name as a buffer holding the merged
+value (so eval, state_dict keys and `export` see the original model), and gains a trainable
+stack "P_heads" (N x *P.shape). In training each head must see its own copy on its own slice:
+
+* a leaf module (LayerNorm, Embedding, a non-patch Conv2d, ...) gets an instance-level forward
+  that runs the class's forward under torch.func.vmap over heads, with the copies shadowing the
+  merged buffers; the module's class is left as it was;
+* a parameter of a module that has children (a ViT's pos_embed or cls_token) is used inside
+  code we do not control, so it is shadowed by a per-sample tensor (one row per sample, taken
+  from that sample's head) for the length of the root forward. That only works for parameters
+  with a leading singleton dimension that broadcasts over the batch; others are refused.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import BatchError
+from .merge import HEADS_SUFFIX
+
+
+def replicate(module: nn.Module, name: str, heads: int) -> None:
+    """Turn parameter `name` of `module` into a merged buffer plus a trainable per-head stack."""
+    param = module._parameters.pop(name)
+    value = param.detach()
+    module.register_buffer(name, value.clone())
+    stack = value.unsqueeze(0).repeat(heads, *([1] * value.dim()))
+    module.register_parameter(name + HEADS_SUFFIX, nn.Parameter(stack))
+
+
+@contextmanager
+def shadowed(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Make module.<name> return the given tensors instead of the registered buffers.
+
+    Instance attributes win over nn.Module.__getattr__, which is where buffers are looked up.
+    """
+    for name, value in tensors.items():
+        module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        for name in tensors:
+            module.__dict__.pop(name, None)
+
+
+def _headwise_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
+    cls_forward = type(self).forward
+    if not self.training:
+        return cls_forward(self, x, *args, **kwargs)
+    stacks = {name: getattr(self, name + HEADS_SUFFIX) for name in self._lte_replicas}
+    n = next(iter(stacks.values())).shape[0]
+    if x.shape[0] % n:
+        raise BatchError(f"a batch of {x.shape[0]} does not split into {n} equal head slices")
+
+    def one_head(params, xh):
+        with shadowed(self, params):
+            return cls_forward(self, xh, *args, **kwargs)
+
+    out = torch.func.vmap(one_head)(stacks, x.reshape(n, x.shape[0] // n, *x.shape[1:]))
+    return out.reshape(x.shape[0], *out.shape[2:])
+
+
+def make_headwise(module: nn.Module, names: list[str], heads: int) -> None:
+    """Replicate `names` on a leaf module and give it a per-head forward."""
+    for name in names:
+        replicate(module, name, heads)
+    module._lte_replicas = tuple(names)
+    module.forward = types.MethodType(_headwise_forward, module)
+
+
+def undo_headwise(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+    module.__dict__.pop("_lte_replicas", None)
+
+
+class BatchSplit:
+    """Root forward hooks: check that a training batch splits into equal head slices, and shadow
+    loose replicated parameters with per-sample tensors for the duration of the forward."""
+
+    def __init__(self, heads: int, loose: list[tuple[nn.Module, str]]):
+        self.heads = heads
+        self.loose = loose
+
+    def before(self, model: nn.Module, args, kwargs):
+        self.clear()
+        if not model.training:
+            return None
+        batch = _batch_size(args, kwargs)
+        if batch is None:
+            return None
+        if batch % self.heads:
+            raise BatchError(
+                f"training batch of {batch} samples does not split into {self.heads} heads: "
+                f"the batch size must be a multiple of the number of heads ({self.heads})")
+        per_head = batch // self.heads
+        for owner, name in self.loose:
+            stack = getattr(owner, name + HEADS_SUFFIX)  # N x 1 x rest
+            rest = stack.shape[2:]
+            owner.__dict__[name] = stack.expand(self.heads, per_head, *rest).reshape(batch, *rest)
+        return None
+
+    def after(self, model, args, kwargs, output):
+        self.clear()
+        return None
+
+    def clear(self) -> None:
+        for owner, name in self.loose:
+            owner.__dict__.pop(name, None)
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None

@@ -1,0 +1,1 @@
+"""The trainer: config, loop, checkpoints, logging and the lte-train command."""

@@ -1,0 +1,227 @@
+"""The run config: a YAML file plus dotted `key=value` overrides, checked before anything runs.
+
+Every key has a default here; a key that is not here is refused, and so is a value of the wrong
+type or range, with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
+from ..errors import ConfigError
+
+MODES = ("lte", "full")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelCfg:
+    name: str = "vit_digits"
+    args: dict = field(default_factory=dict)   # passed to the constructor (timm kwargs for timm names)
+
+
+@dataclass
+class DataCfg:
+    name: str = "digits"
+    args: dict = field(default_factory=dict)   # passed to the data set builder
+
+
+@dataclass
+class LTECfg:
+    heads: int = 4               # total number of heads N
+    rank: int = 8
+    alpha: float = 64.0          # head scale s = alpha / rank
+    merge_every: int = 10        # T: optimizer steps per head between merges (one round)
+    reset: str = "b"             # b | none | ab (see lte.LTEConfig)
+    other_params: str = "replica"
+    lr: typing.Optional[float] = None   # heads' learning rate; null = train.lr (the paper uses ~0.1x)
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 1000            # optimizer steps (per head, in LTE modes)
+    batch_size: int = 64         # global batch; each head gets batch_size / lte.heads
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0    # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0       # max grad norm (per head in LTE modes); 0 = off
+    precision: str = "fp32"      # fp32 | bf16 (autocast)
+    compile: bool = False        # torch.compile the model
+    device: str = "auto"         # auto | cpu | cuda
+    log_every: int = 10          # steps between progress lines / metrics.jsonl rows
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0               # rounds (lte.merge_every steps) between evals; 0 = at the end only
+    batch_size: int = 512
+
+
+@dataclass
+class CheckpointCfg:
+    every: int = 0               # rounds between checkpoints in out_dir; 0 = none
+    resume: bool = True          # continue from out_dir's checkpoint when there is one
+
+
+@dataclass
+class LogCfg:
+    wandb: bool = False
+    wandb_project: str = "lte"
+    wandb_mode: str = "offline"  # offline needs no account; "online" syncs
+
+
+@dataclass
+class Config:
+    mode: str = "lte"            # lte: simulated heads on one device | full: full-rank training
+    seed: int = 0
+    out_dir: str = "runs/default"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    lte: LTECfg = field(default_factory=LTECfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+
+    def lte_config(self) -> LTEConfig:
+        try:
+            return LTEConfig(heads=self.lte.heads, rank=self.lte.rank, alpha=self.lte.alpha,
+                             reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
+
+    @property
+    def head_lr(self) -> float:
+        return self.train.lr if self.lte.lr is None else self.lte.lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, check everything."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; "
+                          f"{prefix.rstrip('.') or 'the top level'} takes {sorted(names)}")
+    values = {}
+    for name in names & set(raw):
+        values[name] = _coerce(hints[name], raw[name], prefix + name)
+    return cls(**values)
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    raise TypeError(f"no coercion for {tp}")
+
+
+def _check(ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    _check(cfg.mode in MODES, "mode", f"must be one of {MODES}", cfg.mode)
+    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    _check(bool(cfg.out_dir), "out_dir", "must be a path", cfg.out_dir)
+    t, lt = cfg.train, cfg.lte
+    _check(t.steps >= 1, "train.steps", "must be >= 1", t.steps)
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)", t.grad_clip)
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", t.precision)
+    _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}", t.device)
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _check(lt.merge_every >= 1, "lte.merge_every", "must be >= 1", lt.merge_every)
+    _check(lt.reset in RESETS, "lte.reset", f"must be one of {RESETS}", lt.reset)
+    _check(lt.other_params in OTHER_PARAMS, "lte.other_params", f"must be one of {OTHER_PARAMS}",
+           lt.other_params)
+    _check(lt.lr is None or lt.lr > 0, "lte.lr", "must be > 0 or null", lt.lr)
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0", cfg.eval.every)
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
+    _check(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode",
+           "must be offline, online or disabled", cfg.log.wandb_mode)
+    cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
+    if cfg.mode == "lte" and t.batch_size % lt.heads:
+        raise ConfigError(f"train.batch_size={t.batch_size} does not split into lte.heads={lt.heads} "
+                          "equal per-head batches; make it a multiple of lte.heads")

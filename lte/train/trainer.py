@@ -1,0 +1,197 @@
+"""The single-process trainer: simulated LTE heads (mode=lte) or full-rank training (mode=full).
+
+One loop serves both modes; they differ only in what is trained (the heads of a prepared model,
+or every parameter of the plain model), how the gradient is clipped (per head, or one norm), and
+what happens at the end of a round of lte.merge_every steps (a merge, or nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import core
+from ..data import HeadBatches, build_data
+from ..errors import ConfigError
+from ..models import create_model
+from .checkpoint import Checkpoint
+from .config import Config
+from .log import RunLog, Throughput, peak_memory, progress_line
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: Config, data, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
+    model = create_model(cfg.model.name, **{**data.model_args, **cfg.model.args})
+    return model.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, precision: str) -> dict:
+    """Mean loss and accuracy over the whole test set, with the merged weights only."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, len(dataset)
+    for start in range(0, n, batch_size):
+        x, y = dataset.gather(torch.arange(start, min(start + batch_size, n)))
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    model.train(was_training)
+    return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+def optimizer_step(forward, params, optimizer, x, y, *, heads: int, grad_clip: float,
+                   device: torch.device, precision: str) -> torch.Tensor:
+    """Forward, backward, clip and step. With heads > 1 (a prepared model) the clip is per head;
+    with one head, per-head and global clipping are the same thing."""
+    with autocast(device, precision):
+        logits = forward(x)
+    loss = F.cross_entropy(logits.float(), y)
+    # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
+    (loss * heads).backward()
+    if grad_clip > 0:
+        if heads > 1:
+            core.clip_grad_norm_per_head_(params, grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+        self.model = build_model(cfg, self.data, self.device)
+        self.lte = cfg.mode == "lte"
+        t = cfg.train
+        if self.lte:
+            core.prepare(self.model, cfg.lte_config())
+            heads, lr = cfg.lte.heads, cfg.head_lr
+        else:
+            heads, lr = 1, t.lr
+        self.heads = heads
+        self.batches = HeadBatches(len(self.data.train), t.batch_size // heads, cfg.seed, range(heads))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
+        self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
+                                              min_ratio=t.min_lr_ratio)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.checkpoint = Checkpoint(self.out_dir, cfg)
+        self.step, self.merges, self.train_s = 0, 0, 0.0
+        self.last_eval: dict = {}
+
+    # one optimizer step ------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        t = self.cfg.train
+        x, y = self.data.train.gather(self.batches.indices(self.step))
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, heads=self.heads,
+                              grad_clip=t.grad_clip, device=self.device, precision=t.precision)
+        self.scheduler.step()
+        self.step += 1
+        return loss
+
+    def end_round(self) -> None:
+        if self.lte:
+            core.merge(self.model, self.optimizer)
+            self.merges += 1
+
+    # the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = cfg.checkpoint.resume and self.checkpoint.exists()
+        if resumed:
+            self.restore(self.checkpoint.load())
+        log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                     wandb_mode=cfg.log.wandb_mode, resume=resumed)
+        if resumed:
+            self.checkpoint.trim_metrics(self.step)
+            log.say(f"resumed from {self.checkpoint.path} at step {self.step}")
+        log.say(self.describe())
+        self.model.train()
+        meter, pending = Throughput(self.device), []
+        wall0 = time.perf_counter()
+        while self.step < t.steps:
+            t0 = time.perf_counter()
+            pending.append(self.train_step())
+            meter.add(t.batch_size)
+            end_of_round = self.step % cfg.lte.merge_every == 0 or self.step == t.steps
+            if end_of_round:
+                self.end_round()
+            self.train_s += time.perf_counter() - t0
+            row = {}
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                row.update(loss=torch.stack(pending).mean().item(), lr=self.scheduler.get_last_lr()[0],
+                           samples_per_s=meter.read(), merges=self.merges)
+                pending.clear()
+            if end_of_round:
+                rounds = -(-self.step // cfg.lte.merge_every)
+                if self.step == t.steps or (cfg.eval.every and rounds % cfg.eval.every == 0):
+                    self.last_eval = evaluate(self.model, self.data.test, cfg.eval.batch_size,
+                                              self.device, t.precision)
+                    row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
+                if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
+                    self.checkpoint.save(self.state())
+            if row:
+                log.log(self.step, row)
+                log.say(progress_line(self.step, t.steps, row))
+        summary = {
+            "mode": cfg.mode, "steps": self.step, "samples_seen": self.step * t.batch_size,
+            "merges": self.merges, "eval": self.last_eval, "wall_s": time.perf_counter() - wall0,
+            "train_s": self.train_s, "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
+            **peak_memory(self.device), "device": str(self.device),
+            "heads": self.heads if self.lte else 0, "trainable_params": sum(p.numel() for p in self.params),
+        }
+        log.finish(summary)
+        log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
+        return summary
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        what = (f"LTE, {self.heads} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
+                if self.lte else "full-rank")
+        return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
+                f"{len(self.data.test)} test), {what}, {sum(p.numel() for p in self.params):,} trainable "
+                f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
+
+    # checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "merges": self.merges,
+                "train_s": self.train_s, "rng": torch.get_rng_state()}
+
+    def restore(self, state: dict) -> None:
+        self.checkpoint.load_model(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.merges, self.train_s = state["step"], state["merges"], state["train_s"]
+        torch.set_rng_state(state["rng"])
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).run()

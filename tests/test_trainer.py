@@ -1,0 +1,138 @@
+"""The trainer and the lte-train command: outputs, errors, resumption, the demo's accuracy."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lte
+from lte.models import register
+from lte.train.cli import main
+from lte.train.config import load_config
+from lte.train.trainer import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+
+
+def quick(tmp_path, *overrides):
+    return load_config(DIGITS, [f"out_dir={tmp_path}", "model.args={embed_dim: 16, depth: 1, num_heads: 2}",
+                                "train.steps=20", "train.log_every=5", "eval.every=1", *overrides])
+
+
+@register
+def conv_only(num_classes=10, in_chans=1, img_size=8):
+    return nn.Sequential(nn.Conv2d(in_chans, num_classes, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_lte_run_writes_metrics_and_summary(tmp_path):
+    summary = train(quick(tmp_path, "lte.merge_every=5"))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("mode", "steps", "samples_seen", "merges", "eval", "wall_s", "samples_per_s", "peak_memory_bytes"):
+        assert key in on_disk, key
+    assert on_disk["mode"] == "lte" and on_disk["steps"] == 20 and on_disk["merges"] == 4
+    assert on_disk["samples_seen"] == 20 * 64
+    assert set(on_disk["eval"]) == {"loss", "accuracy"} and 0 <= on_disk["eval"]["accuracy"] <= 1
+    assert on_disk["peak_memory_bytes"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all("eval_accuracy" in r and "samples_per_s" in r for r in rows)
+
+
+def test_partial_last_round_is_merged(tmp_path):
+    summary = train(quick(tmp_path, "train.steps=12", "lte.merge_every=5"))
+    assert summary["merges"] == 3  # 5, 10, and the final partial round at 12
+
+
+def test_full_mode_trains_every_parameter(tmp_path):
+    summary = train(quick(tmp_path, "mode=full"))
+    plain = lte.models.create_model("vit_digits", embed_dim=16, depth=1, num_heads=2)
+    assert summary["merges"] == 0
+    assert summary["trainable_params"] == sum(p.numel() for p in plain.parameters())
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    whole = Trainer(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5"))
+    whole.run()
+
+    cfg = quick(tmp_path / "cut", "checkpoint.every=1", "lte.merge_every=5")
+    first = Trainer(cfg)
+    real_step = Trainer.train_step
+
+    def crash_at_13(self):
+        if self.step == 13:
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.run()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    second = Trainer(cfg)
+    summary = second.run()  # resumes from the checkpoint at step 10
+    assert summary["steps"] == 20 and summary["merges"] == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+    a, b = lte.export(whole.model), lte.export(second.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
+    train(quick(tmp_path, "checkpoint.every=1", "lte.merge_every=5"))
+    code = main(["--config", DIGITS, f"out_dir={tmp_path}", "model.args={embed_dim: 32, depth: 1, num_heads: 2}",
+                 "train.steps=20"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different run" in err and "model.args" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["train.lr=fast"], "train.lr must be a finite number"),
+    (["train.steps=0"], "train.steps must be >= 1"),
+    (["lte.rank=0"], "lte.rank must be an integer >= 1"),
+    (["lte.reset=sometimes"], "lte.reset must be one of"),
+    (["mode=warp"], "mode must be one of"),
+    (["train.batch_size=30"], "does not split into lte.heads=4"),
+    (["model.name=conv_only"], "has no nn.Linear"),
+    (["model.name=not_a_model_anywhere"], "unknown model"),
+    (["model.args={depth: two}"], "model.args"),
+    (["data.args={test_fraction: 2}"], "test_fraction"),
+    (["train.lr"], "dotted.key=value"),
+])
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides, message):
+    code = main(["--config", DIGITS, f"out_dir={tmp_path}", "train.steps=2", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_missing_config_file_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lte.train", "--config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    assert load_config(DIGITS, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+
+
+def test_wandb_offline_logging(tmp_path):
+    train(quick(tmp_path, "log.wandb=true", "train.steps=5"))
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+
+
+def test_demo_reaches_its_accuracies(tmp_path):
+    """The README's demo: full-rank >= 0.93 and LTE >= 0.90 test accuracy on the digits."""
+    full = train(load_config(DIGITS, [f"out_dir={tmp_path / 'full'}", "mode=full", "train.log_every=500"]))
+    heads = train(load_config(DIGITS, [f"out_dir={tmp_path / 'lte'}", "mode=lte", "train.log_every=500"]))
+    assert full["eval"]["accuracy"] >= 0.93, full["eval"]
+    assert heads["eval"]["accuracy"] >= 0.90, heads["eval"]
