@@ -6,29 +6,37 @@ The base product runs once over the whole batch; the heads run as two batched ma
 (bmm, then baddbmm accumulating into the base output). benchmarks/lte_layer.py compares this
 with torch.func.vmap over a per-head function; the explicit form was faster (see README).
 In eval the layer is the merged linear alone: x W^T + b, for any batch size.
+
+The base weight is stored in a format from lte.memory (fp32 by default; bf16 or a bitsandbytes
+quantization on a parameter-server worker). Its main tensor keeps the name `weight`; a quantized
+format adds scale tensors named weight_<part>.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BatchError
+from ..memory import BaseFormat, get_format
 
 
 class LTELinear(nn.Module):
     """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
-                 scale: float, train_bias: bool, resetless: bool):
+                 scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None):
         super().__init__()
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.heads, self.rank, self.scale = heads, rank, scale
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.lora_A = nn.Parameter(weight.new_zeros(heads, rank, in_features))
-        self.lora_B = nn.Parameter(weight.new_zeros(heads, out_features, rank))
+        self.base = base or get_format("fp32")
+        for part, tensor in self.base.encode(weight.detach().float()).items():
+            self.register_buffer(_buffer_name(part), tensor)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # The heads are trained in fp32 whatever the base is stored in.
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, device=device))
         self.bias_heads = None
         if bias is not None and train_bias:
             self.bias_heads = nn.Parameter(bias.detach().expand(heads, out_features).clone())
@@ -43,6 +51,23 @@ class LTELinear(nn.Module):
     def export_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def payload(self) -> dict[str, torch.Tensor]:
+        """The stored base weight, by format part ("" is the main tensor)."""
+        return {part: getattr(self, _buffer_name(part)) for part in self.base.layout(self.shape)}
+
+    @torch.no_grad()
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.base.decode(self.payload(), self.shape, dtype)
+
+    @torch.no_grad()
+    def load_payload(self, payload: dict[str, torch.Tensor]) -> None:
+        for part, target in self.payload().items():
+            target.copy_(payload[part].reshape(target.shape))
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of every head, with the last-merge snapshot folded in for reset="none"."""
         if self.lora_A0 is None:
@@ -52,13 +77,13 @@ class LTELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.linear(x, self.weight, self.bias)
+            return self.base.linear(x, self.payload(), self.shape, self.bias)
         n = self.heads
         if x.shape[0] % n:
             raise BatchError(f"an LTE layer got a batch of {x.shape[0]} rows, which does not split "
                              f"into {n} equal head slices")
         frozen_bias = self.bias if self.bias_heads is None else None
-        y = F.linear(x, self.weight, frozen_bias)
+        y = self.base.linear(x, self.payload(), self.shape, frozen_bias)
         A, B = self.factors()
         xa = torch.bmm(x.reshape(n, -1, self.in_features), A.transpose(1, 2).to(x.dtype))
         yh = torch.baddbmm(y.view(n, -1, self.out_features), xa, B.transpose(1, 2).to(xa.dtype),
@@ -93,6 +118,10 @@ class LTEPatchConv(LTELinear):
                    .permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw))
         y = super().forward(patches)
         return y.transpose(1, 2).reshape(b, self.out_features, gh, gw)
+
+
+def _buffer_name(part: str) -> str:
+    return f"weight_{part}" if part else "weight"
 
 
 def is_patch_conv(module: nn.Module) -> bool:

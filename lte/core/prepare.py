@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..memory import BaseFormat, get_format
 from .config import LTEConfig
 from .init import init_lora_A
 from .linear import LTELinear, LTEPatchConv, is_patch_conv
@@ -33,6 +34,7 @@ class LTEState:
     spec: MergeSpec
     first_head: int
     split: BatchSplit
+    base: BaseFormat
 
 
 def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, str]]]:
@@ -68,18 +70,21 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
     return spec, to_replicate
 
 
-def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Module:
+def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str = "fp32") -> nn.Module:
     """Turn `model` into `cfg.heads` LoRA heads, in place, and return it.
 
     first_head is the global index of this model's first head (non-zero on a worker that holds
-    heads k..k+n-1 of a larger run); it only seeds the heads' initialisation.
+    heads k..k+n-1 of a larger run); it only seeds the heads' initialisation. `base` is how the
+    frozen base weights are stored (lte.memory formats); a model whose base is not fp32 cannot
+    merge by itself and receives its merged base from a parameter server.
     """
     if not isinstance(cfg, LTEConfig):
         raise TypeError(f"cfg must be an lte.LTEConfig, got {type(cfg).__name__}")
     if hasattr(model, "_lte"):
         raise ModelError("model is already prepared for LTE")
     spec, to_replicate = plan(model, cfg)
-    layer_kw = dict(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale,
+    base_format = get_format(base)
+    layer_kw = dict(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, base=base_format,
                     train_bias=cfg.other_params == "replica", resetless=cfg.reset == "none")
 
     root = model
@@ -114,7 +119,7 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
     root.register_forward_pre_hook(split.before, with_kwargs=True)
     root.register_forward_hook(split.after, with_kwargs=True)
     root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
-    root._lte = LTEState(cfg, spec, first_head, split)
+    root._lte = LTEState(cfg, spec, first_head, split, base_format)
     if cfg.other_params == "frozen":
         trained = {id(t) for t in head_state(root).values()}
         for param in root.parameters():
@@ -146,16 +151,24 @@ def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
     In simulated mode these buffers are the master copy that a merge updates in place; a worker
     of a parameter server receives them from the server instead.
     """
+    state = state_of(model)
+    if state.base.name != "fp32":
+        raise ModelError(f"this model stores its base as {state.base.name}; it cannot hold the fp32 "
+                         "master weights a merge updates (a parameter server holds them)")
     sd = model.state_dict(keep_vars=True)
-    return {key: sd[key] for key in state_of(model).spec.master_keys()}
+    return {key: sd[key] for key in state.spec.master_keys()}
 
 
 @torch.no_grad()
-def load_master(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy merged weights (original shapes allowed) into the model's buffers."""
-    for key, target in master_state(model).items():
-        if tensors[key] is not target:
-            target.copy_(tensors[key].reshape(target.shape))
+def load_merged(model: nn.Module, layer_payloads: dict[str, dict[str, torch.Tensor]],
+                replicas: dict[str, torch.Tensor]) -> None:
+    """Install merged weights received from elsewhere: each layer's base payload (in the model's
+    base format) and each replicated parameter's merged value."""
+    for path, layer in lte_layers(model):
+        layer.load_payload(layer_payloads[path])
+    sd = model.state_dict(keep_vars=True)
+    for name, value in replicas.items():
+        sd[name].copy_(value.reshape(sd[name].shape))
 
 
 @torch.no_grad()
@@ -182,10 +195,10 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
             if layer.lora_A0 is not None:
                 layer.lora_A0[idx] = layer.lora_A[idx]
                 layer.lora_B0[idx] = 0
-    masters, stacks = master_state(model), head_state(model)
+    sd, stacks = model.state_dict(keep_vars=True), head_state(model)
     for name in state.spec.replicas:
         stack = stacks[name + HEADS_SUFFIX]
-        stack[idx] = masters[name].to(stack.dtype)
+        stack[idx] = sd[name].to(stack.dtype)
 
 
 def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -195,13 +208,26 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> N
     become the mean of their copies. With reset="ab", A is re-drawn and, if `optimizer` is
     given, the moments of the re-drawn factors are cleared.
     """
-    state = state_of(model)
-    merge_into(master_state(model), head_state(model), state.spec)
+    merge_into(master_state(model), head_state(model), state_of(model).spec)
+    finish_merge(model, optimizer)
+
+
+def finish_merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """What follows a merge wherever it was computed: count it and reset the heads (cfg.reset)."""
     getattr(model, MERGES_KEY).add_(1)
     reset_heads(model)
-    if optimizer is not None and state.cfg.reset == "ab":
+    if optimizer is not None and state_of(model).cfg.reset == "ab":
         clear_optimizer_state(optimizer, [p for _, layer in lte_layers(model)
                                           for p in (layer.lora_A, layer.lora_B)])
+
+
+def restart_heads(model: nn.Module, heads: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Start some local heads afresh (A re-drawn, B zero, replicas merged, optimizer moments cleared),
+    e.g. after the server rejected their update as non-finite."""
+    reset_heads(model, heads=heads, redraw=True)
+    if optimizer is not None:
+        clear_optimizer_state(optimizer, [p for p in head_state(model).values() if isinstance(p, nn.Parameter)],
+                              heads)
 
 
 def clear_optimizer_state(optimizer: torch.optim.Optimizer, params, heads: list[int] | None = None) -> None:
@@ -222,10 +248,11 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = state_of(model)
     skip = set(state.spec.head_keys()) | {MERGES_KEY}
+    for path, layer in lte_layers(model):
+        skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False) if name.startswith("weight_")}
     out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
     for path, layer in lte_layers(model):
-        key = _join(path, "weight")
-        out[key] = out[key].reshape(layer.export_shape)
+        out[_join(path, "weight")] = layer.dense_weight().reshape(layer.export_shape).clone()
     return out
 
 

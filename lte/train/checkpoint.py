@@ -16,7 +16,7 @@ def identity(cfg: Config) -> dict:
     """The config values a checkpoint must agree with to be resumed (flat, primitives only)."""
     return {"mode": cfg.mode, "seed": cfg.seed, "model.name": cfg.model.name,
             "model.args": json.dumps(cfg.model.args, sort_keys=True), "data.name": cfg.data.name,
-            "data.args": json.dumps(cfg.data.args, sort_keys=True), "lte.heads": cfg.lte.heads,
+            "data.args": json.dumps(cfg.data.args, sort_keys=True), "lte.heads": cfg.lte.heads, "worker.heads": cfg.worker.heads,
             "lte.rank": cfg.lte.rank, "lte.alpha": cfg.lte.alpha, "lte.reset": cfg.lte.reset,
             "lte.other_params": cfg.lte.other_params, "lte.merge_every": cfg.lte.merge_every,
             "train.batch_size": cfg.train.batch_size}

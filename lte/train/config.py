@@ -16,8 +16,9 @@ import yaml
 
 from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
 from ..errors import ConfigError
+from ..memory import FORMATS
 
-MODES = ("lte", "full")
+MODES = ("lte", "full", "ps", "ddp")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,13 +37,27 @@ class DataCfg:
 
 @dataclass
 class LTECfg:
-    heads: int = 4               # total number of heads N
+    heads: typing.Optional[int] = 4  # total number of heads N (mode=ps: null = workers x worker.heads)
     rank: int = 8
     alpha: float = 64.0          # head scale s = alpha / rank
     merge_every: int = 10        # T: optimizer steps per head between merges (one round)
     reset: str = "b"             # b | none | ab (see lte.LTEConfig)
     other_params: str = "replica"
     lr: typing.Optional[float] = None   # heads' learning rate; null = train.lr (the paper uses ~0.1x)
+
+
+@dataclass
+class WorkerCfg:                 # mode=ps: what each worker process holds
+    heads: typing.Optional[int] = None  # local heads k; null = lte.heads / workers
+    base_dtype: str = "nf4"      # storage of the frozen base: nf4 | fp4 | int8 (bitsandbytes) | bf16 | fp32
+
+
+@dataclass
+class DistCfg:                   # mode=ps and mode=ddp
+    backend: str = "auto"        # auto: nccl between GPU processes, gloo otherwise
+    timeout_s: float = 300.0     # a collective that waits longer ends the run with an error
+    ps_device: str = "cpu"       # where the parameter server keeps the fp32 master: cpu | cuda
+    sync_phases: bool = False    # barrier before each upload, so round timings separate compute from transfer
 
 
 @dataclass
@@ -81,12 +96,14 @@ class LogCfg:
 
 @dataclass
 class Config:
-    mode: str = "lte"            # lte: simulated heads on one device | full: full-rank training
+    mode: str = "lte"            # lte: simulated heads | full: full-rank | ps: parameter server + workers | ddp
     seed: int = 0
     out_dir: str = "runs/default"
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     lte: LTECfg = field(default_factory=LTECfg)
+    worker: WorkerCfg = field(default_factory=WorkerCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
@@ -94,7 +111,7 @@ class Config:
 
     def lte_config(self) -> LTEConfig:
         try:
-            return LTEConfig(heads=self.lte.heads, rank=self.lte.rank, alpha=self.lte.alpha,
+            return LTEConfig(heads=self.lte.heads if self.lte.heads is not None else 1, rank=self.lte.rank, alpha=self.lte.alpha,
                              reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
@@ -221,7 +238,38 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
     _check(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode",
            "must be offline, online or disabled", cfg.log.wandb_mode)
+    _check(lt.heads is not None or cfg.mode == "ps", "lte.heads", "must be set (it may be null only in mode=ps)",
+           lt.heads)
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
+    _check(cfg.worker.heads is None or cfg.worker.heads >= 1, "worker.heads", "must be >= 1 or null",
+           cfg.worker.heads)
+    _check(cfg.worker.base_dtype in FORMATS, "worker.base_dtype", f"must be one of {FORMATS}",
+           cfg.worker.base_dtype)
+    _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
+           cfg.dist.backend)
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)
+    _check(cfg.dist.ps_device in ("cpu", "cuda"), "dist.ps_device", "must be cpu or cuda", cfg.dist.ps_device)
     if cfg.mode == "lte" and t.batch_size % lt.heads:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into lte.heads={lt.heads} "
                           "equal per-head batches; make it a multiple of lte.heads")
+
+
+def resolve_heads(cfg: Config, workers: int) -> Config:
+    """mode=ps: fill in lte.heads (N) and worker.heads (k) so that N = workers x k, or refuse."""
+    n, k = cfg.lte.heads, cfg.worker.heads
+    if n is None and k is None:
+        raise ConfigError("mode=ps needs lte.heads (total heads) or worker.heads (heads per worker)")
+    if n is None:
+        n = workers * k
+    if k is None:
+        if n % workers:
+            raise ConfigError(f"lte.heads={n} does not split over {workers} workers; set worker.heads "
+                              f"or make lte.heads a multiple of {workers}")
+        k = n // workers
+    if n != workers * k:
+        raise ConfigError(f"lte.heads={n} must equal workers x worker.heads = {workers} x {k} = {workers * k}")
+    if cfg.train.batch_size % n:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into lte.heads={n} "
+                          "equal per-head batches; make it a multiple of lte.heads")
+    return dataclasses.replace(cfg, lte=dataclasses.replace(cfg.lte, heads=n),
+                               worker=dataclasses.replace(cfg.worker, heads=k))

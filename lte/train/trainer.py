@@ -7,6 +7,7 @@ what happens at the end of a round of lte.merge_every steps (a merge, or nothing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -79,74 +80,137 @@ def optimizer_step(forward, params, optimizer, x, y, *, heads: int, grad_clip: f
     return loss.detach()
 
 
-class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.train.device)
-        self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
-        self.model = build_model(cfg, self.data, self.device)
-        self.lte = cfg.mode == "lte"
-        t = cfg.train
-        if self.lte:
-            core.prepare(self.model, cfg.lte_config())
-            heads, lr = cfg.lte.heads, cfg.head_lr
-        else:
-            heads, lr = 1, t.lr
+class Engine:
+    """What one process trains: its model (plain, or prepared with some of the run's heads), the
+    batch streams that feed it, and its optimizer. Shared by every mode.
+
+    heads:   global indices of the LTE heads this process holds, or None for full-rank training.
+    streams: the batch streams this process draws from, per_stream samples each per step; an LTE
+             head's stream is its own global index, so a head sees the same batches everywhere.
+    """
+
+    def __init__(self, cfg: Config, data, device: torch.device, *, heads: range | None, streams: range,
+                 per_stream: int, base: str = "fp32"):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = build_model(cfg, data, device)
+        if heads is not None:
+            lte_cfg = dataclasses.replace(cfg.lte_config(), heads=len(heads))
+            core.prepare(self.model, lte_cfg, first_head=heads.start, base=base)
         self.heads = heads
-        self.batches = HeadBatches(len(self.data.train), t.batch_size // heads, cfg.seed, range(heads))
+        self.batches = HeadBatches(len(data.train), per_stream, cfg.seed, streams)
+        self.batch_size = per_stream * len(streams)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        lr = cfg.head_lr if heads is not None else t.lr
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
         self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
                                               min_ratio=t.min_lr_ratio)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        self.checkpoint = Checkpoint(self.out_dir, cfg)
-        self.step, self.merges, self.train_s = 0, 0, 0.0
-        self.last_eval: dict = {}
+        self.step = 0
 
-    # one optimizer step ------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         t = self.cfg.train
         x, y = self.data.train.gather(self.batches.indices(self.step))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, heads=self.heads,
+        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y,
+                              heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
         self.scheduler.step()
         self.step += 1
         return loss
 
+    def seek(self, step: int) -> None:
+        """Continue at `step`: the data streams and the LR schedule are functions of the step alone."""
+        self.step = step
+        sched = self.scheduler
+        sched.last_epoch = step
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": torch.get_rng_state()}
+
+    def restore(self, state: dict, checkpoint: Checkpoint) -> None:
+        checkpoint.load_model(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+
+    def final_weights(self) -> dict:
+        """The trained model as a plain state_dict (merged weights for LTE)."""
+        return core.export(self.model) if self.heads is not None else {
+            k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+class Trainer:
+    """The loop of one process that trains and also logs: mode=lte, mode=full, and each DDP rank."""
+
+    is_main = True  # this process logs, evaluates, checkpoints and writes the summary
+
+    def __init__(self, cfg: Config, engine: Engine | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if engine is None:
+            device = resolve_device(cfg.train.device)
+            data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+            lte_mode = cfg.mode == "lte"
+            heads = range(cfg.lte.heads) if lte_mode else None
+            streams = heads if lte_mode else range(1)
+            engine = Engine(cfg, data, device, heads=heads, streams=streams,
+                            per_stream=cfg.train.batch_size // len(streams))
+        self.engine = engine
+        self.model, self.device, self.data = engine.model, engine.device, engine.data
+        self.lte = engine.heads is not None
+        self.checkpoint = Checkpoint(self.out_dir, cfg)
+        self.merges, self.train_s = 0, 0.0
+        self.last_eval: dict = {}
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
     def end_round(self) -> None:
         if self.lte:
-            core.merge(self.model, self.optimizer)
+            core.merge(self.model, self.engine.optimizer)
             self.merges += 1
+
+    def summary_extra(self) -> dict:
+        return {}
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, engine = self.cfg, self.cfg.train, self.engine
         resumed = cfg.checkpoint.resume and self.checkpoint.exists()
         if resumed:
             self.restore(self.checkpoint.load())
-        log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     wandb_mode=cfg.log.wandb_mode, resume=resumed)
-        if resumed:
-            self.checkpoint.trim_metrics(self.step)
-            log.say(f"resumed from {self.checkpoint.path} at step {self.step}")
-        log.say(self.describe())
+        log = None
+        if self.is_main:
+            log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                         wandb_mode=cfg.log.wandb_mode, resume=resumed)
+            if resumed:
+                self.checkpoint.trim_metrics(self.step)
+                log.say(f"resumed from {self.checkpoint.path} at step {self.step}")
+            log.say(self.describe())
         self.model.train()
         meter, pending = Throughput(self.device), []
         wall0 = time.perf_counter()
         while self.step < t.steps:
             t0 = time.perf_counter()
-            pending.append(self.train_step())
+            pending.append(engine.train_step())
             meter.add(t.batch_size)
             end_of_round = self.step % cfg.lte.merge_every == 0 or self.step == t.steps
             if end_of_round:
                 self.end_round()
             self.train_s += time.perf_counter() - t0
+            if not self.is_main:
+                continue
             row = {}
             if self.step % t.log_every == 0 or self.step == t.steps:
-                row.update(loss=torch.stack(pending).mean().item(), lr=self.scheduler.get_last_lr()[0],
+                row.update(loss=torch.stack(pending).mean().item(), lr=engine.scheduler.get_last_lr()[0],
                            samples_per_s=meter.read(), merges=self.merges)
                 pending.clear()
             if end_of_round:
@@ -160,37 +224,37 @@ class Trainer:
             if row:
                 log.log(self.step, row)
                 log.say(progress_line(self.step, t.steps, row))
+        if not self.is_main:
+            self.summary_extra()  # collectives that every rank must join
+            return {}
         summary = {
             "mode": cfg.mode, "steps": self.step, "samples_seen": self.step * t.batch_size,
             "merges": self.merges, "eval": self.last_eval, "wall_s": time.perf_counter() - wall0,
             "train_s": self.train_s, "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
             **peak_memory(self.device), "device": str(self.device),
-            "heads": self.heads if self.lte else 0, "trainable_params": sum(p.numel() for p in self.params),
+            "heads": len(engine.heads) if self.lte else 0,
+            "trainable_params": sum(p.numel() for p in engine.params), **self.summary_extra(),
         }
+        torch.save(engine.final_weights(), self.out_dir / "final.pt")
         log.finish(summary)
         log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
         return summary
 
     def describe(self) -> str:
-        cfg = self.cfg
-        what = (f"LTE, {self.heads} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
+        cfg, engine = self.cfg, self.engine
+        what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
-                f"{len(self.data.test)} test), {what}, {sum(p.numel() for p in self.params):,} trainable "
+                f"{len(self.data.test)} test), {what}, {sum(p.numel() for p in engine.params):,} trainable "
                 f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
 
     # checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "merges": self.merges,
-                "train_s": self.train_s, "rng": torch.get_rng_state()}
+        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s}
 
     def restore(self, state: dict) -> None:
-        self.checkpoint.load_model(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.merges, self.train_s = state["step"], state["merges"], state["train_s"]
-        torch.set_rng_state(state["rng"])
+        self.engine.restore(state, self.checkpoint)
+        self.merges, self.train_s = state["merges"], state["train_s"]
 
 
 def train(cfg: Config) -> dict:

@@ -1,0 +1,44 @@
+"""LTE as a multi-process system: a parameter server and workers (mode=ps) and the DDP baseline
+(mode=ddp), over torch.distributed, launched by torchrun or lte-train --nproc-per-node."""
+from __future__ import annotations
+
+import torch
+
+from ..train.config import Config, resolve_heads
+from . import env as dist_env
+from .comm import Exchange, PeerError
+
+
+def run_distributed(cfg: Config) -> dict | None:
+    """Run this process's part of a mode=ps or mode=ddp run; the summary on rank 0."""
+    env = dist_env.init(cfg)
+    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s)
+    broken = False
+    try:
+        return _run_role(cfg, env, exchange)
+    except PeerError:
+        broken = True  # tearing the group down could block on the dead peer
+        raise
+    finally:
+        if not broken:
+            dist_env.shutdown()
+
+
+def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
+    if cfg.mode == "ddp":
+        from .ddp import DDPTrainer
+
+        return DDPTrainer(cfg, env, exchange).run() or None
+    cfg = resolve_heads(cfg, env.world - 1)
+    if env.rank == 0:
+        from .server import ParameterServer
+
+        return ParameterServer(cfg, env, exchange).run()
+    from .worker import Worker
+
+    Worker(cfg, env, exchange).run()
+    return None
+
+
+__all__ = ["run_distributed", "PeerError"]

@@ -1,0 +1,131 @@
+"""Counted collectives between the parameter server (rank 0) and the workers, and byte packing.
+
+Every message is one flat uint8 buffer packed from named tensors of mixed dtypes (a Layout that
+both sides derive from the model, so nothing but the bytes travels). Byte counts are the logical
+point-to-point payload: a worker's upload counts once as sent by the worker and once as received
+by the server; a broadcast counts (workers x size) as sent by the server and once as received by
+each worker. Barriers and the end-of-run exchange of the counters themselves move no payload and
+are not counted.
+"""
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+ALIGN = 8  # every entry starts 8-byte aligned, so a slice can be viewed as any dtype
+
+
+class PeerError(UserError):
+    """A collective failed or timed out: a peer died, hung or could not be reached."""
+
+
+class Layout:
+    """A fixed order of named tensors (shape, dtype) laid out in one byte buffer."""
+
+    def __init__(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        self.entries, self.offsets, offset = entries, {}, 0
+        for name, shape, dtype in entries:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self.offsets[name] = (offset, size)
+            offset += -(-size // ALIGN) * ALIGN
+        self.nbytes = offset
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.entries]
+
+    def empty(self, device="cpu") -> torch.Tensor:
+        return torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+
+    def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.empty() if out is None else out
+        views = self.unpack(out)
+        for name in views:
+            views[name].copy_(tensors[name].detach().reshape(views[name].shape))
+        return out
+
+    def unpack(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views into buf, one per entry (no copies)."""
+        views = {}
+        for name, shape, dtype in self.entries:
+            offset, size = self.offsets[name]
+            views[name] = buf[offset:offset + size].view(dtype).view(shape)
+        return views
+
+
+class Exchange:
+    """Collectives over one process group, with per-rank byte counters."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
+        self.rank, self.world, self.device = rank, world, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.sent = self.received = 0
+        self._dummy: dict[int, torch.Tensor] = {}
+
+    @property
+    def workers(self) -> int:
+        return self.world - 1
+
+    def gather(self, buf: torch.Tensor | None, nbytes: int, what: str) -> list[torch.Tensor] | None:
+        """Workers send `buf` (nbytes) to the server; the server gets one buffer per worker."""
+        if self.rank == 0:
+            out = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
+            self._run(lambda: dist.gather(self._placeholder(nbytes), out, dst=0), what)
+            self.received += nbytes * self.workers
+            return out[1:]
+        self._run(lambda: dist.gather(buf.to(self.device), None, dst=0), what)
+        self.sent += nbytes
+        return None
+
+    def broadcast(self, buf: torch.Tensor, what: str) -> torch.Tensor:
+        """The server's `buf` to every worker (workers pass a buffer of the same size to fill)."""
+        buf = buf.to(self.device)
+        self._run(lambda: dist.broadcast(buf, src=0), what)
+        if self.rank == 0:
+            self.sent += buf.numel() * self.workers
+        else:
+            self.received += buf.numel()
+        return buf
+
+    def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int, what: str) -> torch.Tensor | None:
+        """The server sends bufs[w] to worker w+1."""
+        out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            self._run(lambda: dist.scatter(out, [self._placeholder(nbytes)] + [b.to(self.device) for b in bufs],
+                                           src=0), what)
+            self.sent += nbytes * self.workers
+            return None
+        self._run(lambda: dist.scatter(out, None, src=0), what)
+        self.received += nbytes
+        return out
+
+    def barrier(self, what: str) -> None:
+        self._run(lambda: dist.barrier(), what)
+
+    def counters(self) -> list[dict] | None:
+        """Every rank's (sent, received), collected on the server at the end (not counted)."""
+        mine = torch.tensor([self.sent, self.received], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(mine) for _ in range(self.world)] if self.rank == 0 else None
+        self._run(lambda: dist.gather(mine, out, dst=0), "the final byte count")
+        if self.rank != 0:
+            return None
+        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1])} for r, t in enumerate(out)]
+
+    def _placeholder(self, nbytes: int) -> torch.Tensor:
+        if nbytes not in self._dummy:
+            self._dummy[nbytes] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._dummy[nbytes]
+
+    def _run(self, fn, what: str) -> None:
+        try:
+            fn()
+        except (RuntimeError, dist.DistError) as exc:
+            role = "parameter server" if self.rank == 0 else f"worker rank {self.rank}"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PeerError(f"{role}: {what} failed after waiting up to dist.timeout_s="
+                            f"{self.timeout.total_seconds():g}s; a peer died, hung or is unreachable "
+                            f"({first})") from None

@@ -1,0 +1,29 @@
+"""The start of a parameter-server run: every worker reports whether it could set itself up, then
+the server says whether to go on, and from which step (a fresh start or a checkpoint)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .comm import Layout
+
+HELLO = Layout([("status", (2,), torch.int64)])    # worker -> server: (failed, upload size)
+CONTROL = Layout([("control", (4,), torch.int64)])  # server -> all: (abort, resume, step, merges)
+DIGEST = Layout([("digest", (1,), torch.int64)])    # worker -> server at the end: digest of its base
+
+
+@dataclass
+class Control:
+    abort: bool = False
+    resume: bool = False
+    step: int = 0
+    merges: int = 0
+
+    def pack(self) -> torch.Tensor:
+        return CONTROL.pack({"control": torch.tensor([int(self.abort), int(self.resume), self.step, self.merges])})
+
+    @staticmethod
+    def unpack(buf: torch.Tensor) -> "Control":
+        a, r, s, m = (int(v) for v in CONTROL.unpack(buf)["control"])
+        return Control(bool(a), bool(r), s, m)

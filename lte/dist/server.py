@@ -1,0 +1,180 @@
+"""The parameter server (rank 0 of mode=ps): the fp32 master, the merge, evaluation, checkpoints and
+the run's summary. It never trains.
+
+Its master weights are the parameters of a plain instance of the user's model, so evaluating and
+exporting the master is just using that model. A round: gather every worker's factors, leave out
+workers whose upload is not finite, W += (s/N) sum_n B_n A_n over the heads kept (one matmul per
+layer, the same function the simulated trainer uses), average the replicas, re-quantize, send.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import core
+from ..data import build_data
+from ..errors import UserError
+from ..memory import get_format
+from ..train.checkpoint import Checkpoint
+from ..train.config import Config
+from ..train.log import RunLog, peak_memory, progress_line
+from ..train.trainer import build_model, evaluate
+from .comm import Exchange
+from .env import DistEnv
+from .handshake import DIGEST, HELLO, Control
+from .protocol import STATS, Protocol
+
+PHASES = ("compute_s", "upload_s", "merge_s", "download_s")
+
+
+class ParameterServer:
+    def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
+        self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.workers = env.world - 1
+        self.error: UserError | None = None
+        self.resume_state: dict | None = None
+        try:
+            self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+            self.model = build_model(cfg, self.data, env.device)  # same seed: same init as the workers
+            spec, _ = core.plan(self.model, cfg.lte_config())
+            sd = self.model.state_dict(keep_vars=True)
+            self.master = {k: sd[k] for k in spec.master_keys()}  # views: merging updates the model
+            trained = [k for k in spec.head_keys() if not k.endswith(("lora_A0", "lora_B0"))]
+            self.proto = Protocol(spec, {k: tuple(v.shape) for k, v in self.master.items()},
+                                  local_heads=cfg.worker.heads, rank=cfg.lte.rank,
+                                  fmt=get_format(cfg.worker.base_dtype), workers=self.workers, trained=trained)
+            self.out_dir = Path(cfg.out_dir)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoint = Checkpoint(self.out_dir, cfg)
+            if cfg.checkpoint.resume and self.checkpoint.exists():
+                self.resume_state = self.checkpoint.load()
+                self.checkpoint.load_model(self.model, self.resume_state["master"])
+        except UserError as exc:
+            self.error = exc
+
+    # start-up ----------------------------------------------------------------------------
+    def handshake(self) -> Control:
+        statuses = self.exchange.gather(None, HELLO.nbytes, "the start-up handshake")
+        problems = []
+        for w, buf in enumerate(statuses):
+            failed, size = (int(v) for v in HELLO.unpack(buf)["status"])
+            if failed:
+                problems.append(f"worker rank {w + 1} could not start (see its error)")
+            elif self.error is None and size != self.proto.upload.nbytes:
+                problems.append(f"worker rank {w + 1} holds a different model (upload of {size} bytes, "
+                                f"expected {self.proto.upload.nbytes}): every process must use the same config")
+        state = self.resume_state or {}
+        control = Control(abort=bool(self.error or problems), resume=bool(state),
+                          step=state.get("step", 0), merges=state.get("merges", 0))
+        self.exchange.broadcast(control.pack(), "the start-up handshake")
+        if self.error:
+            raise self.error
+        if problems:
+            raise UserError("; ".join(problems))
+        return control
+
+    # the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, ex, proto = self.cfg, self.exchange, self.proto if self.error is None else None
+        control = self.handshake()
+        k, steps, T, batch = cfg.worker.heads, cfg.train.steps, cfg.lte.merge_every, cfg.train.batch_size
+        state = self.resume_state or {}
+        if control.resume:
+            ex.scatter([proto.state.pack(w) for w in state["workers"]], proto.state.nbytes, "the checkpoint restore")
+            torch.set_rng_state(state["rng"])
+        everyone = torch.ones(self.workers, dtype=torch.int64)
+        last_download = proto.encode_base(self.master, everyone)
+        ex.broadcast(last_download, "the initial base download")
+
+        log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                     wandb_mode=cfg.log.wandb_mode, resume=control.resume)
+        if control.resume:
+            self.checkpoint.trim_metrics(control.step)
+            log.say(f"resumed from {self.checkpoint.path} at step {control.step}")
+        log.say(self.describe())
+        step, merges = control.step, control.merges
+        rejected, totals = state.get("rejected_heads", 0), dict.fromkeys(PHASES, 0.0)
+        rounds_timed, last_eval, wall0 = 0, {}, time.perf_counter()
+        round_end = wall0
+        while step < steps:
+            round_steps = min(T, steps - step)
+            t0 = time.perf_counter()
+            uploads = ex.gather(None, proto.upload.nbytes, f"the upload of round {merges + 1}")
+            t1 = time.perf_counter()
+            views = [proto.upload.unpack(buf) for buf in uploads]
+            accepted = torch.tensor([int(all(torch.isfinite(v[n]).all() for n in proto.heads)) for v in views])
+            kept = [v for v, ok in zip(views, accepted) if ok]
+            if kept:
+                heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in proto.heads}
+                core.merge_into(self.master, heads, proto.spec)
+            bad = [w + 1 for w, ok in enumerate(accepted) if not ok]
+            if bad:
+                rejected += k * len(bad)
+                log.say(f"round {merges + 1}: rejected the non-finite update of worker rank(s) {bad}; "
+                        "their heads restart")
+            download = proto.encode_base(self.master, accepted)
+            last_download = download
+            t2 = time.perf_counter()
+            ex.broadcast(download, f"the download of round {merges + 1}")
+            t3 = time.perf_counter()
+            step, merges = step + round_steps, merges + 1
+            stats = torch.stack([v["stats"] for v in kept]) if kept else torch.full((1, len(STATS)), float("nan"))
+            times = {"compute_s": stats[:, 1].mean().item(), "upload_s": t1 - t0, "merge_s": t2 - t1,
+                     "download_s": t3 - t2}
+            for name in PHASES:
+                totals[name] += times[name]
+            rounds_timed += 1
+
+            if cfg.checkpoint.every and merges % cfg.checkpoint.every == 0:
+                states = ex.gather(None, proto.state.nbytes, f"the checkpoint upload of round {merges}")
+                self.checkpoint.save({
+                    "master": self.model.state_dict(), "step": step, "merges": merges, "rejected_heads": rejected,
+                    "rng": torch.get_rng_state(),
+                    "workers": [{n: t.clone() for n, t in proto.state.unpack(b).items()} for b in states]})
+            row = {"loss": stats[:, 0].mean().item(), "merges": merges, "rejected_heads": rejected,
+                   "samples_per_s": round_steps * batch / max(t3 - round_end, 1e-9),
+                   **{f"round_{n}": v for n, v in times.items()}}
+            if step == steps or (cfg.eval.every and merges % cfg.eval.every == 0):
+                last_eval = evaluate(self.model, self.data.test, cfg.eval.batch_size, self.env.device,
+                                     cfg.train.precision)
+                row.update({f"eval_{n}": v for n, v in last_eval.items()})
+            log.log(step, row)
+            log.say(progress_line(step, steps, row))
+            round_end = time.perf_counter()
+
+        expected = proto.base_digest(proto.download.unpack(last_download))
+        digests = [int(DIGEST.unpack(b)["digest"][0]) for b in ex.gather(None, DIGEST.nbytes, "the final base check")]
+        mismatched = [w + 1 for w, d in enumerate(digests) if d != expected]
+        if mismatched:
+            log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
+        per_rank = ex.counters()
+        wall = time.perf_counter() - wall0
+        workers = [r for r in per_rank if r["rank"] != 0]
+        summary = {
+            "mode": "ps", "steps": step, "samples_seen": step * batch, "merges": merges, "eval": last_eval,
+            "wall_s": wall, "samples_per_s": (step - control.step) * batch / max(wall, 1e-9),
+            **peak_memory(self.env.device), "device": str(self.env.device), "heads": cfg.lte.heads,
+            "workers": self.workers, "worker_heads": k, "base_dtype": cfg.worker.base_dtype,
+            "rejected_heads": rejected, "base_check": "mismatch" if mismatched else "match",
+            "round_time": {n: totals[n] / max(rounds_timed, 1) for n in PHASES},
+            "comm": {"per_rank": per_rank,
+                     "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in workers)
+                     / len(workers) / max(step - control.step, 1),
+                     "upload_bytes_per_round": proto.upload.nbytes, "download_bytes_per_round": proto.download.nbytes},
+        }
+        torch.save({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.out_dir / "final.pt")
+        log.finish(summary)
+        log.say(f"summary: eval {last_eval}, {merges} merges, {rejected} rejected heads, "
+                f"{summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
+        return summary
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
+                f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, base "
+                f"{cfg.worker.base_dtype}, merge every {cfg.lte.merge_every} steps; {cfg.model.name} on "
+                f"{cfg.data.name}, batch {cfg.train.batch_size}, {cfg.train.steps} steps; upload "
+                f"{self.proto.upload.nbytes:,} B and download {self.proto.download.nbytes:,} B per worker per round")
+

@@ -1,0 +1,135 @@
+"""A worker of the parameter-server mode: k local heads against a base in worker.base_dtype.
+
+It trains its heads for a round of lte.merge_every steps on its own batch streams, uploads the
+factors, and installs what the server sends back: the re-quantized base, the merged replicas
+and, when the server rejected its update, the order to restart its heads.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import core
+from ..core.merge import key
+from ..data import build_data
+from ..errors import UserError
+from ..memory import check_runs_on, get_format
+from ..train.config import Config
+from ..train.trainer import Engine
+from . import faults
+from .comm import Exchange
+from .env import DistEnv
+from .handshake import DIGEST, HELLO, Control
+from .protocol import Protocol
+
+
+def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of the merged tensors as the server holds them (original model shapes)."""
+    spec, sd = core.state_of(model).spec, model.state_dict()
+    shapes = {name: tuple(sd[name].shape) for name in spec.replicas}
+    for path, layer in core.lte_layers(model):
+        shapes[key(path, "weight")] = tuple(layer.export_shape)
+    return shapes
+
+
+class Worker:
+    def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
+        self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.index = env.rank - 1                         # worker index
+        k, n = cfg.worker.heads, cfg.lte.heads
+        self.heads = range(self.index * k, (self.index + 1) * k)  # global head indices
+        self.error: UserError | None = None
+        try:
+            fmt = get_format(cfg.worker.base_dtype)
+            check_runs_on(fmt, env.device)
+            data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+            self.engine = Engine(cfg, data, env.device, heads=self.heads, streams=self.heads,
+                                 per_stream=cfg.train.batch_size // n, base=cfg.worker.base_dtype)
+        except UserError as exc:
+            self.error = exc
+            return
+        model = self.engine.model
+        self.head_tensors = core.head_state(model)
+        trained = [k for k, t in self.head_tensors.items() if isinstance(t, torch.nn.Parameter)]
+        self.proto = Protocol(core.state_of(model).spec, master_shapes(model), local_heads=k, rank=cfg.lte.rank,
+                              fmt=fmt, workers=env.world - 1, trained=trained)
+
+    # messages ----------------------------------------------------------------------------
+    def hello(self) -> Control:
+        signature = 0 if self.error else self.proto.upload.nbytes
+        self.exchange.gather(HELLO.pack({"status": torch.tensor([int(self.error is not None), signature])}),
+                             HELLO.nbytes, "the start-up handshake")
+        control = Control.unpack(self.exchange.broadcast(Control().pack(), "the start-up handshake"))
+        if self.error is not None:
+            raise self.error
+        if control.abort:
+            raise UserError(f"worker rank {self.env.rank}: the parameter server stopped the run (see its error)")
+        return control
+
+    def receive_base(self, what: str) -> torch.Tensor:
+        views = self.proto.download.unpack(self.exchange.broadcast(self.proto.download.empty(), what))
+        core.load_merged(self.engine.model,
+                         {path: self.proto.layer_payload(views, path) for path in core.state_of(self.engine.model).spec.layers},
+                         {name: views[name] for name in self.proto.spec.replicas})
+        return views["accepted"][self.index].item()
+
+    def upload_state(self) -> None:
+        opt = self.engine.optimizer
+        tensors = dict(self.head_tensors)
+        for k in self.proto.trained:
+            st = opt.state.get(self.head_tensors[k], {})
+            zeros = torch.zeros_like(self.head_tensors[k])
+            tensors[f"{k}.exp_avg"] = st.get("exp_avg", zeros)
+            tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
+            tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
+        tensors["rng"] = torch.get_rng_state()
+        self.exchange.gather(self.proto.state.pack(tensors), self.proto.state.nbytes, "the checkpoint upload")
+
+    @torch.no_grad()
+    def load_state(self, buf: torch.Tensor, step: int) -> None:
+        views = self.proto.state.unpack(buf)
+        for k, t in self.head_tensors.items():
+            t.copy_(views[k])
+        opt = self.engine.optimizer
+        for k in self.proto.trained:
+            p = self.head_tensors[k]
+            opt.state[p] = {"step": views[f"{k}.step"].clone(), "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
+                            "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
+        torch.set_rng_state(views["rng"].clone())
+        self.engine.seek(step)
+
+    # the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg, ex = self.cfg, self.exchange
+        control = self.hello()
+        engine = self.engine
+        if control.resume:
+            self.load_state(ex.scatter(None, self.proto.state.nbytes, "the checkpoint restore"), control.step)
+            getattr(engine.model, core.MERGES_KEY).fill_(control.merges)
+        self.receive_base("the initial base download")
+        if not control.resume:
+            core.reset_heads(engine.model)  # replica copies start from the server's values
+        engine.model.train()
+        steps, rounds = cfg.train.steps, control.merges
+        while engine.step < steps:
+            t0 = time.perf_counter()
+            losses = [engine.train_step() for _ in range(min(cfg.lte.merge_every, steps - engine.step))]
+            loss = torch.stack(losses).mean().item()  # waits for the device
+            compute_s = time.perf_counter() - t0
+            rounds += 1
+            if cfg.dist.sync_phases:
+                ex.barrier("the pre-upload barrier")
+            faults.before_upload(self.env.rank, rounds, self.head_tensors)
+            stats = torch.tensor([loss, compute_s], dtype=torch.float64)
+            ex.gather(self.proto.upload.pack({**self.head_tensors, "stats": stats}), self.proto.upload.nbytes,
+                      f"the upload of round {rounds}")
+            accepted = self.receive_base(f"the download of round {rounds}")
+            core.finish_merge(engine.model, engine.optimizer)
+            if not accepted:
+                core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
+            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
+                self.upload_state()
+        digest = self.proto.base_digest(self.proto.worker_base(engine.model))
+        ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+        ex.counters()

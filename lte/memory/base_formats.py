@@ -1,0 +1,162 @@
+"""How a worker stores the frozen base weight of an LTE layer: fp32, bf16, or bitsandbytes nf4/fp4/int8.
+
+A format turns the fp32 master weight into a *payload* (the tensors a worker keeps and the
+parameter server sends: packed 4-bit bytes plus per-block scales, or int8 plus per-row scales),
+and computes x W^T from the payload. Quantized formats never keep a dense copy for backward:
+the weight is decoded again when the input gradient needs it (as QLoRA does), so a worker's
+memory for the base is the payload's.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+BLOCKSIZE_4BIT = 64
+
+
+class BaseFormat(ABC):
+    name: str = ""
+    quantized: bool = False
+
+    @abstractmethod
+    def layout(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names ("" is the main tensor), shapes and dtypes of the payload of an out x in weight."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The payload of an fp32 weight; deterministic, so every process can check it bit for bit."""
+
+    @abstractmethod
+    def decode(self, payload: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight a payload stands for."""
+
+    def linear(self, x: torch.Tensor, payload: dict[str, torch.Tensor], shape: tuple[int, int],
+               bias: torch.Tensor | None) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
+            return y if bias is None else y + bias.to(y.dtype)
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.layout(shape).values())
+
+
+class Dense(BaseFormat):
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+    def layout(self, shape):
+        return {"": (tuple(shape), self.dtype)}
+
+    def encode(self, w):
+        return {"": w.detach().to(self.dtype).clone()}
+
+    def decode(self, payload, shape, dtype):
+        return payload[""].to(dtype)
+
+    def linear(self, x, payload, shape, bias):
+        w = payload[""]
+        if torch.is_autocast_enabled(x.device.type) or w.dtype == x.dtype:
+            return F.linear(x, w, bias)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class FourBit(BaseFormat):
+    """bitsandbytes 4-bit (nf4 or fp4), blockwise absmax scales, no double quantization."""
+
+    quantized = True
+
+    def __init__(self, quant_type: str):
+        self.name = self.quant_type = quant_type
+
+    def layout(self, shape):
+        n = math.prod(shape)
+        return {"": (((n + 1) // 2, 1), torch.uint8), "absmax": ((-(-n // BLOCKSIZE_4BIT),), torch.float32)}
+
+    def encode(self, w):
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE_4BIT,
+                                           quant_type=self.quant_type)
+        return {"": packed, "absmax": state.absmax.float()}
+
+    def decode(self, payload, shape, dtype):
+        import bitsandbytes.functional as bnbf
+
+        state = bnbf.QuantState(absmax=payload["absmax"], shape=torch.Size(shape),
+                                code=bnbf.get_4bit_type(self.quant_type, device=payload[""].device),
+                                blocksize=BLOCKSIZE_4BIT, quant_type=self.quant_type, dtype=torch.float32)
+        return bnbf.dequantize_4bit(payload[""], state).to(dtype)
+
+
+class Int8(BaseFormat):
+    """bitsandbytes LLM.int8 vector-wise quantization: int8 weights with one absmax scale per row."""
+
+    name, quantized = "int8", True
+
+    def layout(self, shape):
+        return {"": (tuple(shape), torch.int8), "scale": ((shape[0],), torch.float32)}
+
+    def encode(self, w):
+        import bitsandbytes.functional as bnbf
+
+        q, row_absmax, _ = bnbf.int8_vectorwise_quant(w.detach().to(torch.float16).contiguous())
+        return {"": q, "scale": row_absmax.float()}
+
+    def decode(self, payload, shape, dtype):
+        return (payload[""].float() * (payload["scale"] / 127.0).unsqueeze(1)).to(dtype)
+
+
+class _DecodedLinear(torch.autograd.Function):
+    """x W^T with W decoded from its payload in forward and again in backward (never saved dense)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, shape, *payload_tensors):
+        ctx.fmt, ctx.shape = fmt, shape
+        ctx.save_for_backward(*payload_tensors)
+        return F.linear(x, _decode(fmt, shape, payload_tensors, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = _decode(ctx.fmt, ctx.shape, ctx.saved_tensors, grad.dtype)
+        return (grad @ w, None, None, *([None] * len(ctx.saved_tensors)))
+
+
+def _decode(fmt, shape, tensors, dtype):
+    names = sorted(fmt.layout(shape))
+    return fmt.decode(dict(zip(names, tensors)), shape, dtype)
+
+
+FORMATS = ("fp32", "bf16", "nf4", "fp4", "int8")
+
+
+def get_format(name: str) -> BaseFormat:
+    if name == "fp32":
+        return Dense(torch.float32)
+    if name == "bf16":
+        return Dense(torch.bfloat16)
+    if name in ("nf4", "fp4", "int8"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"base format {name} needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+        return FourBit(name) if name != "int8" else Int8()
+    raise ConfigError(f"unknown base format {name!r}; known: {FORMATS}")
+
+
+def check_runs_on(fmt: BaseFormat, device: torch.device) -> None:
+    """Quantize, decode and multiply a small weight on `device`, or say clearly that it cannot."""
+    try:
+        w = torch.randn(8, 128, device=device)
+        payload = fmt.encode(w)
+        x = torch.randn(2, 128, device=device, requires_grad=True)
+        fmt.linear(x, payload, (8, 128), None).sum().backward()
+    except Exception as exc:  # bitsandbytes raises many kinds of errors for unsupported devices
+        raise ConfigError(f"worker.base_dtype={fmt.name} cannot run on {device}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
