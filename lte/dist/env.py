@@ -93,10 +93,27 @@ def init(cfg: Config) -> DistEnv:
         # interfaces (the rendezvous store is the launcher's business; see README).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.dist.timeout_s),
-                            device_id=device if backend == "nccl" else None)
-    return DistEnv(rank, world, local_rank, local_world, device, backend,
-                   restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group(backend, store=_store(rank, world, restart, timeout), rank=rank, world_size=world,
+                            timeout=timeout, device_id=device if backend == "nccl" else None)
+    return DistEnv(rank, world, local_rank, local_world, device, backend, restart)
+
+
+def _store(rank: int, world: int, restart: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with a fresh key space per restart attempt.
+
+    torchrun (and our launcher) serve one store for the whole run: without a per-attempt prefix a
+    restarted process would read the previous attempt's Gloo addresses and dial dead peers.
+    """
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except KeyError as exc:
+        raise ConfigError(f"{exc.args[0]} is not set: launch with torchrun or lte-train --nproc-per-node") from None
+    served = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the launcher hosts it
+    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not served, timeout=timeout,
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"lte/attempt-{restart}/", store)
 
 
 def shutdown() -> None:

@@ -1,0 +1,244 @@
+"""The parameter server and the DDP baseline as real multi-process runs on Gloo/CPU."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lte.core.linear import is_patch_conv
+from lte.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+SMALL = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}", "train.log_every=10", "eval.every=0"]
+
+
+def run(args, *, nproc=None, torchrun=None, env=None, timeout=240, cwd=ROOT):
+    """Run lte-train (our launcher with nproc, torchrun with a list of its flags, else one process)."""
+    if torchrun is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "lte.train"]
+    else:
+        cmd = [sys.executable, "-m", "lte.train"] + (["--nproc-per-node", str(nproc)] if nproc else [])
+    proc = subprocess.Popen(cmd + ["--config", DIGITS, *SMALL, *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"run did not finish in {timeout}s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def summary(out_dir):
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def final(out_dir):
+    return torch.load(Path(out_dir) / "final.pt", weights_only=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ps_with_two_workers_equals_simulated_heads(tmp_path):
+    """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds."""
+    common = ["worker.base_dtype=fp32", "train.steps=30", "lte.merge_every=10", "lte.heads=4"]
+    code, out = run([*common, "mode=ps", "worker.heads=2", f"out_dir={tmp_path / 'ps'}"],
+                    torchrun=["--standalone", "--nproc_per_node=3"])
+    assert code == 0, out
+    code, out = run([*common, "mode=lte", f"out_dir={tmp_path / 'lte'}"])
+    assert code == 0, out
+    ps, sim = final(tmp_path / "ps"), final(tmp_path / "lte")
+    assert ps.keys() == sim.keys()
+    assert max((ps[k].float() - sim[k].float()).abs().max().item() for k in ps) < 1e-5
+    assert summary(tmp_path / "ps")["eval"]["loss"] == pytest.approx(summary(tmp_path / "lte")["eval"]["loss"],
+                                                                    abs=1e-6)
+    assert summary(tmp_path / "ps")["merges"] == 3
+
+
+def expected_message_bytes(heads_per_worker, rank, workers, fmt):
+    """Upload and download sizes computed from the plain model, entry by entry (8-byte aligned)."""
+    model = create_model("vit_digits", embed_dim=16, depth=1, num_heads=2)
+    pad = lambda n: -(-n // 8) * 8  # noqa: E731
+    upload, download = pad(2 * 8), pad(workers * 8)  # round stats (2 float64), accepted mask (int64)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or is_patch_conv(module):
+            out_f, d_in = module.weight.shape[0], module.weight[0].numel()
+            upload += pad(heads_per_worker * rank * d_in * 4) + pad(heads_per_worker * out_f * rank * 4)
+            n = module.weight.numel()
+            download += pad((n + 1) // 2) + pad(math.ceil(n / 64) * 4) if fmt == "nf4" else pad(n * 4)
+            if module.bias is not None:
+                upload += pad(heads_per_worker * out_f * 4)
+                download += pad(out_f * 4)
+        else:
+            for p in module.parameters(recurse=False):
+                upload += pad(heads_per_worker * p.numel() * 4)
+                download += pad(p.numel() * 4)
+    return upload, download
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp32"])
+def test_communication_counters_match_the_protocol(tmp_path, fmt):
+    k, rank, workers, rounds = 2, 8, 2, 3
+    code, out = run(["mode=ps", f"worker.base_dtype={fmt}", "lte.heads=4", "train.steps=30", "lte.merge_every=10",
+                     f"out_dir={tmp_path}"], nproc=workers + 1)
+    assert code == 0, out
+    s = summary(tmp_path)
+    upload, download = expected_message_bytes(k, rank, workers, fmt)
+    assert s["comm"]["upload_bytes_per_round"] == upload
+    assert s["comm"]["download_bytes_per_round"] == download
+    hello, control, digest = 16, 32, 8
+    per_rank = {r["rank"]: r for r in s["comm"]["per_rank"]}
+    for w in range(1, workers + 1):
+        assert per_rank[w]["bytes_sent"] == hello + rounds * upload + digest
+        assert per_rank[w]["bytes_received"] == control + (rounds + 1) * download
+    assert per_rank[0]["bytes_received"] == workers * per_rank[1]["bytes_sent"]
+    assert per_rank[0]["bytes_sent"] == workers * per_rank[1]["bytes_received"]
+    per_step = (per_rank[1]["bytes_sent"] + per_rank[1]["bytes_received"]) / 30
+    assert s["comm"]["bytes_per_step_per_worker"] == pytest.approx(per_step)
+    assert s["base_check"] == "match"  # every worker ends holding exactly the server's encoding
+
+
+def test_ddp_counts_ring_all_reduce_bytes(tmp_path):
+    code, out = run(["mode=ddp", "train.steps=6", f"out_dir={tmp_path}"], nproc=2)
+    assert code == 0, out
+    s = summary(tmp_path)
+    params = sum(p.numel() for p in create_model("vit_digits", embed_dim=16, depth=1, num_heads=2).parameters())
+    per_step = 2 * (2 * (2 - 1) / 2 * params * 4)  # sent + received of a 2-rank ring all-reduce
+    assert s["comm"]["bytes_per_step_per_worker"] == pytest.approx(per_step)
+    assert s["steps"] == 6 and s["mode"] == "ddp"
+
+
+def test_nonfinite_worker_update_is_rejected(tmp_path):
+    code, out = run(["mode=ps", "lte.heads=4", "train.steps=40", "lte.merge_every=10", f"out_dir={tmp_path}"],
+                    nproc=3, env={"LTE_FAULT": "nan:rank=1:round=2"})
+    assert code == 0, out
+    s = summary(tmp_path)
+    assert s["rejected_heads"] == 2 and s["merges"] == 4
+    assert "rejected the non-finite update of worker rank(s) [1]" in out
+    assert all(torch.isfinite(t).all() for t in final(tmp_path).values() if t.is_floating_point())
+    assert math.isfinite(s["eval"]["loss"])
+
+
+def test_hung_worker_ends_the_run_with_a_clear_error(tmp_path):
+    t0 = time.time()
+    code, out = run(["mode=ps", "lte.heads=4", "train.steps=40", "dist.timeout_s=5", f"out_dir={tmp_path}"],
+                    nproc=3, env={"LTE_FAULT": "hang:rank=2:round=2"}, timeout=120)
+    assert code != 0
+    assert "dist.timeout_s=5s" in out and "the upload of round 2" in out, out[-3000:]
+    assert time.time() - t0 < 100
+
+
+def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path):
+    common = ["mode=ps", "lte.heads=4", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1"]
+    code, out = run([*common, f"out_dir={tmp_path / 'whole'}"], nproc=3)
+    assert code == 0, out
+    code, out = run([*common, f"out_dir={tmp_path / 'killed'}"], env={"LTE_FAULT": "kill:rank=2:round=3:attempt=0"},
+                    torchrun=["--standalone", "--nproc_per_node=3", "--max-restarts=1"])
+    assert code == 0, out
+    assert "resumed from" in out and "at step 20" in out
+    s = summary(tmp_path / "killed")
+    assert s["steps"] == 50 and s["merges"] == 5
+    whole, killed = final(tmp_path / "whole"), final(tmp_path / "killed")
+    for key in whole:
+        torch.testing.assert_close(killed[key], whole[key], rtol=0, atol=0, msg=key)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40, 50]
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Multi-node torchrun (c10d rendezvous) as two 'nodes' of two processes: a server and 3 workers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NPROC_PER_NODE": "2",
+           "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": "test-two-nodes"}
+    args = ["--config", DIGITS, *SMALL, "mode=ps", "lte.heads=null", "worker.heads=1", "train.batch_size=48",
+            "train.steps=20", f"out_dir={tmp_path}"]
+    nodes = [subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), *args], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for _ in range(2)]
+    outs = []
+    try:
+        for node in nodes:
+            outs.append(node.communicate(timeout=240)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outs)[-4000:]
+    s = summary(tmp_path)
+    assert s["workers"] == 3 and s["heads"] == 3 and s["steps"] == 20 and s["base_check"] == "match"
+
+
+def listening_addresses(pids):
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+def test_standalone_launcher_listens_on_loopback_only(tmp_path):
+    cmd = [sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "--config", DIGITS, *SMALL, "mode=ps",
+           "lte.heads=4", "train.steps=200", f"out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        addresses = listening_addresses([proc.pid, *map(int, children)])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert addresses, "found no listening socket to check"
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 (as /proc/net shows them)
+    assert set(addresses) <= loopback, addresses
+
+
+def test_checkpoint_from_a_different_model_stops_every_process(tmp_path):
+    code, out = run(["mode=ps", "lte.heads=4", "train.steps=20", "checkpoint.every=1", f"out_dir={tmp_path}"], nproc=3)
+    assert code == 0, out
+    code, out = run(["mode=ps", "lte.heads=4", "train.steps=20", f"out_dir={tmp_path}",
+                     "model.args={embed_dim: 32, depth: 1, num_heads: 2}"], nproc=3, timeout=120)
+    assert code != 0
+    assert "was written by a different run" in out and "model.args" in out
+    assert "the parameter server stopped the run" in out  # the workers were told, not left waiting
+
+
+@pytest.mark.parametrize("launch,args,message", [
+    (dict(nproc=1), ["mode=ps"], "needs at least 2 processes"),
+    (dict(), ["mode=ps"], "launch it with `torchrun"),
+    (dict(nproc=3), ["mode=ps", "lte.heads=5"], "does not split over 2 workers"),
+    (dict(nproc=3), ["mode=ps", "lte.heads=4", "worker.heads=1"], "must equal workers x worker.heads"),
+    (dict(nproc=3), ["mode=ps", "lte.heads=4", "train.batch_size=30"], "does not split into lte.heads=4"),
+    (dict(nproc=3), ["mode=ps", "worker.base_dtype=nf5"], "worker.base_dtype must be one of"),
+    (dict(nproc=2), ["mode=ps", "dist.backend=nccl"], "dist.backend=nccl needs every process on a GPU"),
+])
+def test_bad_launches_are_refused_with_a_message(tmp_path, launch, args, message):
+    code, out = run([*args, "train.steps=10", f"out_dir={tmp_path}"], timeout=120, **launch)
+    assert code != 0
+    assert message in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
