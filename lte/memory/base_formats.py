@@ -8,6 +8,7 @@ memory for the base is the payload's.
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 
@@ -142,6 +143,9 @@ def get_format(name: str) -> BaseFormat:
     if name == "bf16":
         return Dense(torch.bfloat16)
     if name in ("nf4", "fp4", "int8"):
+        # On CPU bitsandbytes warns that an optional fused 4-bit GEMM kernel is missing; we never
+        # call it (the weight is decoded, then multiplied), so the warning is noise.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
