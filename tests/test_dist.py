@@ -89,11 +89,11 @@ def expected_message_bytes(heads_per_worker, rank, workers, fmt):
     return upload, download
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp32"])
-def test_communication_counters_match_the_protocol(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,sync", [("nf4", "false"), ("fp32", "true")])
+def test_communication_counters_match_the_protocol(tmp_path, fmt, sync):
     k, rank, workers, rounds = 2, 8, 2, 3
     code, out = run(["mode=ps", f"worker.base_dtype={fmt}", "lte.heads=4", "train.steps=30", "lte.merge_every=10",
-                     f"out_dir={tmp_path}"], nproc=workers + 1)
+                     f"dist.sync_phases={sync}", f"out_dir={tmp_path}"], nproc=workers + 1)
     assert code == 0, out
     s = summary(tmp_path)
     upload, download = expected_message_bytes(k, rank, workers, fmt)

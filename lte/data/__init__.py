@@ -7,8 +7,9 @@ from ..errors import ConfigError
 from .base import ArrayDataset, DataBundle
 from .digits import digits
 from .streams import HeadBatches, IndexStream
+from .synthetic import synthetic
 
-DATASETS = {"digits": digits}
+DATASETS = {"digits": digits, "synthetic": synthetic}
 
 
 def build_data(name: str, seed: int, args: dict) -> DataBundle:

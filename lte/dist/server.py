@@ -100,6 +100,8 @@ class ParameterServer:
         round_end = wall0
         while step < steps:
             round_steps = min(T, steps - step)
+            if cfg.dist.sync_phases:  # wait out the workers' compute so upload_s is the transfer alone
+                ex.barrier("the pre-upload barrier")
             t0 = time.perf_counter()
             uploads = ex.gather(None, proto.upload.nbytes, f"the upload of round {merges + 1}")
             t1 = time.perf_counter()
@@ -136,12 +138,14 @@ class ParameterServer:
             row = {"loss": stats[:, 0].mean().item(), "merges": merges, "rejected_heads": rejected,
                    "samples_per_s": round_steps * batch / max(t3 - round_end, 1e-9),
                    **{f"round_{n}": v for n, v in times.items()}}
-            if step == steps or (cfg.eval.every and merges % cfg.eval.every == 0):
+            evaluated = step == steps or (cfg.eval.every and merges % cfg.eval.every == 0)
+            if evaluated:
                 last_eval = evaluate(self.model, self.data.test, cfg.eval.batch_size, self.env.device,
                                      cfg.train.precision)
                 row.update({f"eval_{n}": v for n, v in last_eval.items()})
-            log.log(step, row)
-            log.say(progress_line(step, steps, row))
+            if evaluated or step // cfg.train.log_every != (step - round_steps) // cfg.train.log_every:
+                log.log(step, row)
+                log.say(progress_line(step, steps, row))
             round_end = time.perf_counter()
 
         expected = proto.base_digest(proto.download.unpack(last_download))
@@ -162,7 +166,9 @@ class ParameterServer:
             "comm": {"per_rank": per_rank,
                      "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in workers)
                      / len(workers) / max(step - control.step, 1),
-                     "upload_bytes_per_round": proto.upload.nbytes, "download_bytes_per_round": proto.download.nbytes},
+                     "upload_bytes_per_round": proto.upload.nbytes, "download_bytes_per_round": proto.download.nbytes,
+                     # per step once started: without the start-up handshake and first base download
+                     "steady_bytes_per_step_per_worker": (proto.upload.nbytes + proto.download.nbytes) / T},
         }
         torch.save({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.out_dir / "final.pt")
         log.finish(summary)

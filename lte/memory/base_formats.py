@@ -149,7 +149,7 @@ def get_format(name: str) -> BaseFormat:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ConfigError(f"base format {name} needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+            raise ConfigError(f"base format {name} needs bitsandbytes, which did not import ({exc})") from None
         return FourBit(name) if name != "int8" else Int8()
     raise ConfigError(f"unknown base format {name!r}; known: {FORMATS}")
 

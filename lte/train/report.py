@@ -14,11 +14,13 @@ def load(run_dir: str) -> dict:
 
 
 def table(runs: dict[str, dict]) -> str:
-    rows = [("run", "mode", "steps", "merges", "test loss", "test acc", "samples/s", "wall s")]
+    rows = [("run", "mode", "steps", "merges", "test loss", "test acc", "samples/s", "wall s",
+             "comm bytes/step/worker")]
     for name, s in runs.items():
-        ev = s.get("eval", {})
+        ev, comm = s.get("eval", {}), s.get("comm")
         rows.append((name, s["mode"], str(s["steps"]), str(s["merges"]), f"{ev.get('loss', float('nan')):.4f}",
-                     f"{ev.get('accuracy', float('nan')):.4f}", f"{s['samples_per_s']:,.0f}", f"{s['wall_s']:.1f}"))
+                     f"{ev.get('accuracy', float('nan')):.4f}", f"{s['samples_per_s']:,.0f}", f"{s['wall_s']:.1f}",
+                     f"{comm['bytes_per_step_per_worker']:,.0f}" if comm else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
