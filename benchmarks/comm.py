@@ -53,7 +53,7 @@ def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int
 
 
 def run(mode: str, nproc: int, args, out_dir: Path) -> dict:
-    overrides = [f"mode={mode}", f"model.name={args.model}", "data.name=synthetic", f"data.args={{img_size: 224}}",
+    overrides = [f"mode={mode}", f"model.name={args.model}", "data.name=synthetic", "data.args={img_size: 224}",
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"lte.rank={args.rank}",
                  "lte.alpha=4096", f"lte.merge_every={args.merge_every}", f"lte.heads={args.workers * args.heads}",
                  f"worker.base_dtype={args.base}", "eval.every=0", "eval.batch_size=16", "train.log_every=10",

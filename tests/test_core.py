@@ -28,7 +28,7 @@ def randomize_heads(model, seed=1):
 def test_merge_matches_hand_computation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))
-    W0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    W0 = model[0].weight.detach().clone()
     cfg = lte.LTEConfig(heads=3, rank=2, alpha=8)
     lte.prepare(model, cfg)
     randomize_heads(model)
@@ -124,7 +124,7 @@ def test_every_reset_keeps_mean_effective_weight(reset):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
-    for step in range(3):  # two rounds, so "none" merges non-trivial snapshots
+    for _ in range(3):  # three rounds, so "none" merges non-trivial snapshots
         for _ in range(2):
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()

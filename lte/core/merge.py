@@ -36,6 +36,10 @@ class MergeSpec:
                 keys += [key(layer, "lora_A0"), key(layer, "lora_B0")]
         return keys + [p + HEADS_SUFFIX for p in self.replicas]
 
+    def trained_keys(self) -> list[str]:
+        """The head tensors an optimizer trains (the reset-less snapshots are not trained)."""
+        return [k for k in self.head_keys() if not k.endswith(("lora_A0", "lora_B0"))]
+
 
 def key(path: str, name: str) -> str:
     """state_dict key of `name` on the module at `path` ("" is the root)."""

@@ -41,10 +41,10 @@ class ParameterServer:
             spec, _ = core.plan(self.model, cfg.lte_config())
             sd = self.model.state_dict(keep_vars=True)
             self.master = {k: sd[k] for k in spec.master_keys()}  # views: merging updates the model
-            trained = [k for k in spec.head_keys() if not k.endswith(("lora_A0", "lora_B0"))]
             self.proto = Protocol(spec, {k: tuple(v.shape) for k, v in self.master.items()},
                                   local_heads=cfg.worker.heads, rank=cfg.lte.rank,
-                                  fmt=get_format(cfg.worker.base_dtype), workers=self.workers, trained=trained)
+                                  fmt=get_format(cfg.worker.base_dtype), workers=self.workers,
+                                  trained=spec.trained_keys())
             self.out_dir = Path(cfg.out_dir)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoint = Checkpoint(self.out_dir, cfg)
@@ -77,8 +77,8 @@ class ParameterServer:
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, ex, proto = self.cfg, self.exchange, self.proto if self.error is None else None
-        control = self.handshake()
+        control = self.handshake()  # raises if this server or a worker could not set up
+        cfg, ex, proto = self.cfg, self.exchange, self.proto
         k, steps, T, batch = cfg.worker.heads, cfg.train.steps, cfg.lte.merge_every, cfg.train.batch_size
         state = self.resume_state or {}
         if control.resume:

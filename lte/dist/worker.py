@@ -51,9 +51,9 @@ class Worker:
             return
         model = self.engine.model
         self.head_tensors = core.head_state(model)
-        trained = [k for k, t in self.head_tensors.items() if isinstance(t, torch.nn.Parameter)]
-        self.proto = Protocol(core.state_of(model).spec, master_shapes(model), local_heads=k, rank=cfg.lte.rank,
-                              fmt=fmt, workers=env.world - 1, trained=trained)
+        spec = core.state_of(model).spec
+        self.proto = Protocol(spec, master_shapes(model), local_heads=k, rank=cfg.lte.rank, fmt=fmt,
+                              workers=env.world - 1, trained=spec.trained_keys())
 
     # messages ----------------------------------------------------------------------------
     def hello(self) -> Control:
@@ -67,12 +67,12 @@ class Worker:
             raise UserError(f"worker rank {self.env.rank}: the parameter server stopped the run (see its error)")
         return control
 
-    def receive_base(self, what: str) -> torch.Tensor:
+    def receive_base(self, what: str) -> bool:
+        """Install the server's base and merged replicas; whether this worker's last upload was accepted."""
         views = self.proto.download.unpack(self.exchange.broadcast(self.proto.download.empty(), what))
-        core.load_merged(self.engine.model,
-                         {path: self.proto.layer_payload(views, path) for path in core.state_of(self.engine.model).spec.layers},
+        core.load_merged(self.engine.model, {path: self.proto.layer_payload(views, path) for path in self.proto.spec.layers},
                          {name: views[name] for name in self.proto.spec.replicas})
-        return views["accepted"][self.index].item()
+        return bool(views["accepted"][self.index])
 
     def upload_state(self) -> None:
         opt = self.engine.optimizer
