@@ -30,6 +30,7 @@ class LTELinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.heads, self.rank, self.scale = heads, rank, scale
         self.base = base or get_format("fp32")
+        self._parts = tuple(self.base.layout((out_features, in_features)))  # read on every forward
         for part, tensor in self.base.encode(weight.detach().float()).items():
             self.register_buffer(_buffer_name(part), tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -57,7 +58,7 @@ class LTELinear(nn.Module):
 
     def payload(self) -> dict[str, torch.Tensor]:
         """The stored base weight, by format part ("" is the main tensor)."""
-        return {part: getattr(self, _buffer_name(part)) for part in self.base.layout(self.shape)}
+        return {part: getattr(self, _buffer_name(part)) for part in self._parts}
 
     @torch.no_grad()
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

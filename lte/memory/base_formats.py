@@ -75,6 +75,14 @@ class FourBit(BaseFormat):
 
     def __init__(self, quant_type: str):
         self.name = self.quant_type = quant_type
+        self._codes: dict[torch.device, torch.Tensor] = {}  # decoded every step: build each table once
+
+    def _code(self, device: torch.device) -> torch.Tensor:
+        if device not in self._codes:
+            import bitsandbytes.functional as bnbf
+
+            self._codes[device] = bnbf.get_4bit_type(self.quant_type, device=device)
+        return self._codes[device]
 
     def layout(self, shape):
         n = math.prod(shape)
@@ -90,8 +98,7 @@ class FourBit(BaseFormat):
     def decode(self, payload, shape, dtype):
         import bitsandbytes.functional as bnbf
 
-        state = bnbf.QuantState(absmax=payload["absmax"], shape=torch.Size(shape),
-                                code=bnbf.get_4bit_type(self.quant_type, device=payload[""].device),
+        state = bnbf.QuantState(absmax=payload["absmax"], shape=torch.Size(shape), code=self._code(payload[""].device),
                                 blocksize=BLOCKSIZE_4BIT, quant_type=self.quant_type, dtype=torch.float32)
         return bnbf.dequantize_4bit(payload[""], state).to(dtype)
 
