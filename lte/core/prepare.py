@@ -226,8 +226,8 @@ def restart_heads(model: nn.Module, heads: list[int], optimizer: torch.optim.Opt
     e.g. after the server rejected their update as non-finite."""
     reset_heads(model, heads=heads, redraw=True)
     if optimizer is not None:
-        clear_optimizer_state(optimizer, [p for p in head_state(model).values() if isinstance(p, nn.Parameter)],
-                              heads)
+        stacks = head_state(model)
+        clear_optimizer_state(optimizer, [stacks[k] for k in state_of(model).spec.trained_keys()], heads)
 
 
 def clear_optimizer_state(optimizer: torch.optim.Optimizer, params, heads: list[int] | None = None) -> None:

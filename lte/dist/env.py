@@ -29,11 +29,6 @@ class DistEnv:
     local_world: int
     device: torch.device     # where this process computes (the server: where the master lives)
     backend: str             # of the default group, used for every exchange
-    restart: int             # how many times the launcher has restarted this run
-
-    @property
-    def single_node(self) -> bool:
-        return self.world == self.local_world
 
 
 def read_env(cfg: Config) -> tuple[int, int, int, int]:
@@ -97,7 +92,7 @@ def init(cfg: Config) -> DistEnv:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group(backend, store=_store(rank, world, restart, timeout), rank=rank, world_size=world,
                             timeout=timeout, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank, world, local_rank, local_world, device, backend, restart)
+    return DistEnv(rank, world, local_rank, local_world, device, backend)
 
 
 def _store(rank: int, world: int, restart: int, timeout: timedelta) -> dist.Store:

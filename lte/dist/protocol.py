@@ -44,7 +44,7 @@ def head_shapes(spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], head
 class Protocol:
     def __init__(self, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], *, local_heads: int,
                  rank: int, fmt: BaseFormat, workers: int, trained: list[str]):
-        self.spec, self.fmt, self.workers, self.local_heads = spec, fmt, workers, local_heads
+        self.spec, self.fmt = spec, fmt
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
         self.layer_shapes = {layer: _as_matrix(master_shapes[key(layer, "weight")]) for layer in spec.layers}
         self.upload = Layout([(k, s, torch.float32) for k, s in self.heads.items()]

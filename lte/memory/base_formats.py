@@ -43,9 +43,6 @@ class BaseFormat(ABC):
             y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
             return y if bias is None else y + bias.to(y.dtype)
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
-        return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.layout(shape).values())
-
 
 class Dense(BaseFormat):
     def __init__(self, dtype: torch.dtype):

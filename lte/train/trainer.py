@@ -98,7 +98,6 @@ class Engine:
             core.prepare(self.model, lte_cfg, first_head=heads.start, base=base)
         self.heads = heads
         self.batches = HeadBatches(len(data.train), per_stream, cfg.seed, streams)
-        self.batch_size = per_stream * len(streams)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
@@ -200,8 +199,10 @@ class Trainer:
         wall0 = time.perf_counter()
         while self.step < t.steps:
             t0 = time.perf_counter()
-            pending.append(engine.train_step())
-            meter.add(t.batch_size)
+            loss = engine.train_step()
+            if self.is_main:  # only the logging process keeps the losses it will report
+                pending.append(loss)
+                meter.add(t.batch_size)
             end_of_round = self.step % cfg.lte.merge_every == 0 or self.step == t.steps
             if end_of_round:
                 self.end_round()
