@@ -7,8 +7,8 @@ from torch import nn
 
 import lte
 from lte import core
-from lte.dist.protocol import Protocol
-from lte.dist.worker import master_shapes
+from lte.distributed.protocol import Protocol
+from lte.distributed.worker import master_shapes
 from lte.memory import check_runs_on, get_format
 
 torch.manual_seed(0)

@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc_per_node is not None:
             if args.nproc_per_node < 1:
                 raise UserError("--nproc-per-node must be >= 1")
-            from ..dist.launch import launch
+            from ..distributed.launch import launch
 
             child_args = (["--config", args.config] if args.config else []) + args.overrides
             return launch(args.nproc_per_node, child_args, args.max_restarts)
         if cfg.mode in ("ps", "ddp"):
-            from ..dist import run_distributed
+            from ..distributed import run_distributed
 
             run_distributed(cfg)
         else:

@@ -4,7 +4,7 @@ torchrun's rendezvous store listens on every interface of the machine, even with
 This launcher binds its store to 127.0.0.1 itself, passes the bound socket to the store, and starts
 N copies of `python -m lte.train` with the environment torchrun would give them (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT, TORCHELASTIC_RESTART_COUNT); the processes then keep their own data
-sockets on loopback too (lte.dist.env). Like torchrun, when a process fails it stops the others and,
+sockets on loopback too (lte.distributed.env). Like torchrun, when a process fails it stops the others and,
 with --max-restarts, starts them all again; a run with checkpoints resumes from the last one.
 """
 from __future__ import annotations
