@@ -21,7 +21,7 @@ from .config import LTEConfig
 from .init import init_lora_A
 from .linear import LTELinear, LTEPatchConv, is_patch_conv
 from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
-from .replica import BatchSplit, make_headwise, replicate
+from .replica import make_headwise, replicate, split_batches
 
 MERGES_KEY = "lte_merges"
 
@@ -33,7 +33,6 @@ class LTEState:
     cfg: LTEConfig
     spec: MergeSpec
     first_head: int
-    split: BatchSplit
     base: BaseFormat
 
 
@@ -115,11 +114,9 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str 
     for path, names in leaf_params.items():
         make_headwise(root.get_submodule(path), names, cfg.heads)
 
-    split = BatchSplit(cfg.heads, loose)
-    root.register_forward_pre_hook(split.before, with_kwargs=True)
-    root.register_forward_hook(split.after, with_kwargs=True)
+    split_batches(root, cfg.heads, loose)
     root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
-    root._lte = LTEState(cfg, spec, first_head, split, base_format)
+    root._lte = LTEState(cfg, spec, first_head, base_format)
     if cfg.other_params == "frozen":
         trained = {id(t) for t in head_state(root).values()}
         for param in root.parameters():

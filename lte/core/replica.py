@@ -73,44 +73,46 @@ def make_headwise(module: nn.Module, names: list[str], heads: int) -> None:
     module.forward = types.MethodType(_headwise_forward, module)
 
 
-def undo_headwise(module: nn.Module) -> None:
-    module.__dict__.pop("forward", None)
-    module.__dict__.pop("_lte_replicas", None)
+def _split_forward(self: nn.Module, *args, **kwargs):
+    """The root's forward: in training, check that the batch splits into equal head slices and
+    shadow the loose replicated parameters with per-sample tensors for the length of the call.
 
-
-class BatchSplit:
-    """Root forward hooks: check that a training batch splits into equal head slices, and shadow
-    loose replicated parameters with per-sample tensors for the duration of the forward."""
-
-    def __init__(self, heads: int, loose: list[tuple[nn.Module, str]]):
-        self.heads = heads
-        self.loose = loose
-
-    def before(self, model: nn.Module, args, kwargs):
-        self.clear()
-        if not model.training:
-            return None
-        batch = _batch_size(args, kwargs)
-        if batch is None:
-            return None
-        if batch % self.heads:
-            raise BatchError(
-                f"training batch of {batch} samples does not split into {self.heads} heads: "
-                f"the batch size must be a multiple of the number of heads ({self.heads})")
-        per_head = batch // self.heads
-        for owner, name in self.loose:
-            stack = getattr(owner, name + HEADS_SUFFIX)  # N x 1 x rest
-            rest = stack.shape[2:]
-            owner.__dict__[name] = stack.expand(self.heads, per_head, *rest).reshape(batch, *rest)
-        return None
-
-    def after(self, model, args, kwargs, output):
-        self.clear()
-        return None
-
-    def clear(self) -> None:
-        for owner, name in self.loose:
+    An instance-level forward rather than forward hooks, so that torch.compile sees the split,
+    the shadowing and the model as one frame (hooks compile as separate frames, with guards on
+    the shadowing between them)."""
+    cls_forward = type(self).forward
+    if not self.training:
+        return cls_forward(self, *args, **kwargs)
+    heads, loose = self._lte_heads, self._lte_loose
+    batch = _batch_size(args, kwargs)
+    if batch is None or not loose:
+        if batch is not None and batch % heads:
+            raise _split_error(batch, heads)
+        return cls_forward(self, *args, **kwargs)
+    if batch % heads:
+        raise _split_error(batch, heads)
+    per_head = batch // heads
+    for owner, name in loose:
+        stack = getattr(owner, name + HEADS_SUFFIX)  # N x 1 x rest
+        rest = stack.shape[2:]
+        owner.__dict__[name] = stack.expand(heads, per_head, *rest).reshape(batch, *rest)
+    try:
+        return cls_forward(self, *args, **kwargs)
+    finally:
+        for owner, name in loose:
             owner.__dict__.pop(name, None)
+
+
+def split_batches(root: nn.Module, heads: int, loose: list[tuple[nn.Module, str]]) -> None:
+    """Give the root module the per-head batch split (its class is left as it was)."""
+    root._lte_heads = heads
+    root._lte_loose = tuple(loose)
+    root.forward = types.MethodType(_split_forward, root)
+
+
+def _split_error(batch: int, heads: int) -> BatchError:
+    return BatchError(f"training batch of {batch} samples does not split into {heads} heads: "
+                      f"the batch size must be a multiple of the number of heads ({heads})")
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -40,7 +40,12 @@ class BaseFormat(ABC):
                bias: torch.Tensor | None) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
+            if x.requires_grad:
+                y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
+            else:
+                # Nothing to differentiate, so nothing to keep for backward. (Also: torch.compile
+                # 2.14 fails on an autograd.Function none of whose inputs requires grad.)
+                y = F.linear(x.to(dtype), self.decode(payload, shape, dtype))
             return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -71,15 +76,15 @@ class FourBit(BaseFormat):
     quantized = True
 
     def __init__(self, quant_type: str):
+        import bitsandbytes.functional as bnbf
+
         self.name = self.quant_type = quant_type
-        self._codes: dict[torch.device, torch.Tensor] = {}  # decoded every step: build each table once
+        # The 16-entry code table, built once; a plain attribute (not a per-device cache that a
+        # first call fills in) so a compiled step does not recompile after its first call.
+        self._table = bnbf.get_4bit_type(quant_type, device="cpu")
 
     def _code(self, device: torch.device) -> torch.Tensor:
-        if device not in self._codes:
-            import bitsandbytes.functional as bnbf
-
-            self._codes[device] = bnbf.get_4bit_type(self.quant_type, device=device)
-        return self._codes[device]
+        return self._table.to(device)
 
     def layout(self, shape):
         n = math.prod(shape)
@@ -122,14 +127,19 @@ class _DecodedLinear(torch.autograd.Function):
     """x W^T with W decoded from its payload in forward and again in backward (never saved dense)."""
 
     @staticmethod
-    def forward(ctx, x, fmt, shape, *payload_tensors):
-        ctx.fmt, ctx.shape = fmt, shape
-        ctx.save_for_backward(*payload_tensors)
+    def forward(x, fmt, shape, *payload_tensors):
         return F.linear(x, _decode(fmt, shape, payload_tensors, x.dtype))
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Separate from forward so torch.compile can trace the function into the step's graph.
+        _, fmt, shape, *payload_tensors = inputs
+        ctx.fmt, ctx.weight_shape = fmt, shape
+        ctx.save_for_backward(*payload_tensors)
+
+    @staticmethod
     def backward(ctx, grad):
-        w = _decode(ctx.fmt, ctx.shape, ctx.saved_tensors, grad.dtype)
+        w = _decode(ctx.fmt, ctx.weight_shape, ctx.saved_tensors, grad.dtype)
         return (grad @ w, None, None, *([None] * len(ctx.saved_tensors)))
 
 

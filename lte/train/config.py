@@ -141,7 +141,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({first})") from None
+        _set_dotted(raw, key.strip(), value)
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
