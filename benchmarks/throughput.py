@@ -55,7 +55,7 @@ def measure(mode: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        optimizer_step(forward, params, opt, x, y, heads=heads, grad_clip=1.0, device=device,
+        optimizer_step(forward, params, opt, x, y, task="classification", heads=heads, grad_clip=1.0, device=device,
                        precision=args.precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -1,29 +1,49 @@
-"""Data sets by name, and the per-head batch streams."""
+"""Data sets by name or import path, the per-head batch streams, and the loaders that feed them."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 from ..errors import ConfigError
-from .base import ArrayDataset, DataBundle
+from ..imports import is_import_path, load_callable
+from .base import SAMPLINGS, TASKS, ArrayDataset, DataBundle, MapDataset, as_dataset
 from .digits import digits
+from .loader import EvalBatches, TrainBatches
 from .streams import HeadBatches, IndexStream
 from .synthetic import synthetic
 
-DATASETS = {"digits": digits, "synthetic": synthetic}
+DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic}
+
+
+def register_data(fn: Callable[..., DataBundle], name: str | None = None) -> Callable[..., DataBundle]:
+    """Make `fn(seed=..., **data.args) -> DataBundle` available as data.name=<name> (default: fn's name)."""
+    DATASETS[name or fn.__name__] = fn
+    return fn
 
 
 def build_data(name: str, seed: int, args: dict) -> DataBundle:
-    if name not in DATASETS:
-        raise ConfigError(f"data.name: unknown data set {name!r}; known: {sorted(DATASETS)}")
-    builder = DATASETS[name]
-    accepted = set(inspect.signature(builder).parameters) - {"seed"}
+    """The data set `name` (registered, or package.module:callable) built with data.args."""
+    if name in DATASETS:
+        builder = DATASETS[name]
+    elif is_import_path(name):
+        builder = load_callable(name, "data.name")
+    else:
+        raise ConfigError(f"data.name: unknown data set {name!r}; known: {sorted(DATASETS)}, "
+                          "or an import path package.module:callable")
+    params = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = set(params) - {"seed"}
     unknown = sorted(set(args) - accepted)
-    if unknown:
+    if unknown and not takes_any:
         raise ConfigError(f"data.args: {name} does not take {unknown}; it takes {sorted(accepted)}")
     try:
-        return builder(seed=seed, **args)
-    except ValueError as exc:
-        raise ConfigError(f"data.args: {exc}") from exc
+        bundle = builder(**({"seed": seed} if "seed" in params or takes_any else {}), **args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise ConfigError(f"data.args: {name}: {exc}") from exc
+    if not isinstance(bundle, DataBundle):
+        raise ConfigError(f"data.name: {name} returned a {type(bundle).__name__}, not an lte.data.DataBundle")
+    return bundle
 
 
-__all__ = ["ArrayDataset", "DataBundle", "HeadBatches", "IndexStream", "build_data", "DATASETS"]
+__all__ = ["ArrayDataset", "DataBundle", "MapDataset", "as_dataset", "HeadBatches", "IndexStream", "TrainBatches",
+           "EvalBatches", "build_data", "register_data", "DATASETS", "TASKS", "SAMPLINGS"]

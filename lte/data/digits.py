@@ -20,5 +20,5 @@ def digits(seed: int, test_fraction: float = 0.2) -> DataBundle:
     mean, std = x[train].mean(), x[train].std()
     x = (x - mean) / std  # statistics of the training split only
     return DataBundle(
-        train=ArrayDataset(x[train], y[train]), test=ArrayDataset(x[test], y[test]),
+        train=ArrayDataset(x[train], y[train]), eval=ArrayDataset(x[test], y[test]),
         task="classification", model_args={"num_classes": 10, "in_chans": 1, "img_size": 8})

@@ -15,9 +15,9 @@ class SyntheticImages:
     def __len__(self) -> int:
         return self.n
 
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, idx, keys=None) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
-        for i in idx.tolist():
+        for i in torch.as_tensor(idx).tolist():
             gen = torch.Generator().manual_seed(head_seed(self.seed, f"synthetic-{self.split}", i))
             xs.append(torch.randn(self.shape, generator=gen))
             ys.append(torch.randint(0, self.num_classes, (), generator=gen))
@@ -28,5 +28,5 @@ def synthetic(seed: int, train_size: int = 1024, test_size: int = 64, img_size: 
               num_classes: int = 1000) -> DataBundle:
     shape = (in_chans, img_size, img_size)
     return DataBundle(train=SyntheticImages(train_size, seed, shape, num_classes, "train"),
-                      test=SyntheticImages(test_size, seed, shape, num_classes, "test"), task="classification",
+                      eval=SyntheticImages(test_size, seed, shape, num_classes, "test"), task="classification",
                       model_args={"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size})

@@ -20,9 +20,11 @@ from datetime import timedelta
 import torch.distributed as dist
 
 
-def launch(nproc: int, args: list[str], max_restarts: int = 0) -> int:
+def launch(nproc: int, args: list[str], max_restarts: int = 0, script: str | None = None) -> int:
+    """Run `python -m lte.train ARGS` (or `python SCRIPT ARGS`) in nproc processes."""
+    command = [sys.executable, script] if script else [sys.executable, "-m", "lte.train"]
     for attempt in range(max_restarts + 1):
-        code = _attempt(nproc, args, attempt)
+        code = _attempt(nproc, command + list(args), attempt)
         if code == 0:
             return 0
         if attempt < max_restarts:
@@ -31,7 +33,7 @@ def launch(nproc: int, args: list[str], max_restarts: int = 0) -> int:
     return code
 
 
-def _attempt(nproc: int, args: list[str], attempt: int) -> int:
+def _attempt(nproc: int, command: list[str], attempt: int) -> int:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(nproc * 4)
@@ -46,7 +48,7 @@ def _attempt(nproc: int, args: list[str], attempt: int) -> int:
                    "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
                    "TORCHELASTIC_RESTART_COUNT": str(attempt)}
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-            procs.append(subprocess.Popen([sys.executable, "-m", "lte.train", *args], env=env))
+            procs.append(subprocess.Popen(command, env=env))
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]

@@ -20,7 +20,7 @@ from ..memory import get_format
 from ..train.checkpoint import Checkpoint
 from ..train.config import Config
 from ..train.log import RunLog, peak_memory, progress_line
-from ..train.trainer import build_model, evaluate
+from ..train.trainer import build_model, eval_batches, evaluate
 from .comm import Exchange
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
@@ -38,6 +38,7 @@ class ParameterServer:
         try:
             self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.model = build_model(cfg, self.data, env.device)  # same seed: same init as the workers
+            self.eval_set = eval_batches(cfg, self.data, env.device)
             spec, _ = core.plan(self.model, cfg.lte_config())
             sd = self.model.state_dict(keep_vars=True)
             self.master = {k: sd[k] for k in spec.master_keys()}  # views: merging updates the model
@@ -140,7 +141,7 @@ class ParameterServer:
                    **{f"round_{n}": v for n, v in times.items()}}
             evaluated = step == steps or (cfg.eval.every and merges % cfg.eval.every == 0)
             if evaluated:
-                last_eval = evaluate(self.model, self.data.test, cfg.eval.batch_size, self.env.device,
+                last_eval = evaluate(self.model, self.eval_set, self.data.task, self.env.device,
                                      cfg.train.precision)
                 row.update({f"eval_{n}": v for n, v in last_eval.items()})
             if evaluated or step // cfg.train.log_every != (step - round_steps) // cfg.train.log_every:

@@ -1,4 +1,5 @@
-"""Model constructors by name: our own first, then any timm model name."""
+"""Model constructors by name: our own first, then an import path (package.module:callable), then
+any timm model name."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,12 +7,14 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import ConfigError
+from ..imports import accepted, is_import_path, load_callable
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _MODELS[fn.__name__] = fn
+def register(fn: Callable[..., nn.Module], name: str | None = None) -> Callable[..., nn.Module]:
+    """Make `fn(**kwargs) -> nn.Module` available as model.name=<name> (default: fn's name)."""
+    _MODELS[name or fn.__name__] = fn
     return fn
 
 
@@ -19,18 +22,24 @@ def available() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build `name` with kwargs: a registered lte model, else timm.create_model(name, ...)."""
+def create_model(name: str, data_args: dict | None = None, **kwargs) -> nn.Module:
+    """Build `name` with kwargs (model.args), plus those of data_args (what the data needs the
+    model to match: classes, vocabulary...) that the constructor takes; kwargs win."""
     if name in _MODELS:
         builder = _MODELS[name]
+    elif is_import_path(name):
+        builder = load_callable(name, "model.name")
     else:
         import timm
 
         if not timm.is_model(name):
             raise ConfigError(f"model.name: unknown model {name!r}; lte models: {available()}, "
-                              "or any timm model name")
+                              "an import path package.module:callable, or any timm model name")
         builder = lambda **kw: timm.create_model(name, pretrained=False, **kw)  # noqa: E731
     try:
-        return builder(**kwargs)
+        model = builder(**{**accepted(builder, data_args or {}), **kwargs})
     except TypeError as exc:
         raise ConfigError(f"model.args: {name} rejected its arguments: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

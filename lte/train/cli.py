@@ -1,4 +1,6 @@
-"""lte-train [--nproc-per-node N] --config configs/X.yaml [dotted.key=value ...]"""
+"""lte-train [--nproc-per-node N] --config configs/X.yaml [dotted.key=value ...]
+   lte-train --nproc-per-node N --script my_script.py [ARGS ...]
+   lte-train report RUN_DIR [RUN_DIR ...]"""
 from __future__ import annotations
 
 import argparse
@@ -11,43 +13,54 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="lte-train", description="Pre-train a model with LoRA-the-Explorer heads, or a baseline.",
         epilog="Examples: lte-train --config configs/digits.yaml mode=full train.steps=500\n"
-               "          lte-train --nproc-per-node 3 --config configs/digits.yaml mode=ps",
+               "          lte-train --nproc-per-node 3 --config configs/digits.yaml mode=ps\n"
+               "          lte-train --nproc-per-node 3 --script my_script.py mode=ps\n"
+               "          lte-train report runs/digits-lte runs/digits-full",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", help="YAML config file (defaults for every key otherwise)")
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="start N local processes (mode=ps or ddp), rendezvous on loopback only")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
                         help="with --nproc-per-node: restart every process up to R times after a failure")
+    parser.add_argument("--script", metavar="PATH",
+                        help="with --nproc-per-node: run this Python script in every process instead of "
+                             "lte-train (it calls lte.train.run); the arguments after it go to the script")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from .report import main as report
+
+        return report(argv[1:])
     args = parse_args(argv)
     try:
-        from .config import load_config
+        if args.script is not None:
+            if args.nproc_per_node is None or args.config is not None:
+                raise UserError("--script goes with --nproc-per-node and without --config (give the script "
+                                "its config yourself)")
+        elif args.nproc_per_node is None:
+            from .entry import run
 
-        cfg = load_config(args.config, args.overrides)
-        if args.nproc_per_node is not None:
-            if args.nproc_per_node < 1:
-                raise UserError("--nproc-per-node must be >= 1")
-            from ..distributed.launch import launch
-
-            child_args = (["--config", args.config] if args.config else []) + args.overrides
-            return launch(args.nproc_per_node, child_args, args.max_restarts)
-        if cfg.mode in ("ps", "ddp"):
-            from ..distributed import run_distributed
-
-            run_distributed(cfg)
+            run(args.config, overrides=args.overrides)
+            return 0
         else:
-            from .trainer import train
+            from .config import load_config
 
-            train(cfg)
+            load_config(args.config, args.overrides)  # refuse a bad config before starting anything
+        if args.nproc_per_node < 1:
+            raise UserError("--nproc-per-node must be >= 1")
+        from ..distributed.launch import launch
+
+        if args.script is not None:
+            return launch(args.nproc_per_node, args.overrides, args.max_restarts, script=args.script)
+        child_args = (["--config", args.config] if args.config else []) + args.overrides
+        return launch(args.nproc_per_node, child_args, args.max_restarts)
     except UserError as exc:
         print(f"lte-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("lte-train: interrupted", file=sys.stderr)
         return 130
-    return 0

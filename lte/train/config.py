@@ -5,6 +5,7 @@ type or range, with a message that names the key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -79,6 +80,7 @@ class TrainCfg:
 class EvalCfg:
     every: int = 0               # rounds (lte.merge_every steps) between evals; 0 = at the end only
     batch_size: int = 512
+    batches: typing.Optional[int] = None  # evaluate this many batches, spread over the eval set; null = all of it
 
 
 @dataclass
@@ -137,6 +139,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: list[str] = ()) -> Config:
+    """A config from a nested mapping (as a YAML file holds it) and dotted overrides, checked."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -240,6 +248,7 @@ def validate(cfg: Config) -> None:
     _check(lt.lr is None or lt.lr > 0, "lte.lr", "must be > 0 or null", lt.lr)
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0", cfg.eval.every)
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
+    _check(cfg.eval.batches is None or cfg.eval.batches >= 1, "eval.batches", "must be >= 1 or null", cfg.eval.batches)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
     _check(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode",
            "must be offline, online or disabled", cfg.log.wandb_mode)

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import core
-from ..data import HeadBatches, build_data
+from ..data import EvalBatches, HeadBatches, TrainBatches, build_data
 from ..errors import ConfigError
 from ..models import create_model
 from .checkpoint import Checkpoint
 from .config import Config
 from .log import RunLog, Throughput, peak_memory, progress_line
+from .tasks import Metrics, loss as task_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,34 +40,39 @@ def autocast(device: torch.device, precision: str):
 
 def build_model(cfg: Config, data, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
-    model = create_model(cfg.model.name, **{**data.model_args, **cfg.model.args})
+    model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
     return model.to(device)
 
 
+def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
+    """The evaluation set of a run: eval.batches batches of eval.batch_size (all of it if null)."""
+    e = cfg.eval
+    return EvalBatches(data.eval, e.batch_size, None if e.batches is None else e.batches * e.batch_size,
+                       workers=data.workers, pin_memory=device.type == "cuda")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, precision: str) -> dict:
-    """Mean loss and accuracy over the whole test set, with the merged weights only."""
+def evaluate(model: torch.nn.Module, batches: EvalBatches, task: str, device: torch.device, precision: str) -> dict:
+    """The task's metrics over the evaluation batches, with the merged weights only."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0, len(dataset)
-    for start in range(0, n, batch_size):
-        x, y = dataset.gather(torch.arange(start, min(start + batch_size, n)))
-        x, y = x.to(device), y.to(device)
+    metrics = Metrics(task)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
+            outputs = model(x)
+        metrics.add(outputs, y)
     model.train(was_training)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+    return metrics.result()
 
 
-def optimizer_step(forward, params, optimizer, x, y, *, heads: int, grad_clip: float,
+def optimizer_step(forward, params, optimizer, x, y, *, task: str, heads: int, grad_clip: float,
                    device: torch.device, precision: str) -> torch.Tensor:
     """Forward, backward, clip and step. With heads > 1 (a prepared model) the clip is per head;
     with one head, per-head and global clipping are the same thing."""
     with autocast(device, precision):
-        logits = forward(x)
-    loss = F.cross_entropy(logits.float(), y)
+        outputs = forward(x)
+    loss = task_loss(task, outputs, y)
     # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
     (loss * heads).backward()
     if grad_clip > 0:
@@ -97,7 +102,9 @@ class Engine:
             lte_cfg = dataclasses.replace(cfg.lte_config(), heads=len(heads))
             core.prepare(self.model, lte_cfg, first_head=heads.start, base=base)
         self.heads = heads
-        self.batches = HeadBatches(len(data.train), per_stream, cfg.seed, streams)
+        self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
+                                                            data.sampling),
+                                    steps=cfg.train.steps, workers=data.workers, pin_memory=device.type == "cuda")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
@@ -109,9 +116,9 @@ class Engine:
 
     def train_step(self) -> torch.Tensor:
         t = self.cfg.train
-        x, y = self.data.train.gather(self.batches.indices(self.step))
+        x, y = self.batches.get(self.step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y,
+        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
                               heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
         self.scheduler.step()
@@ -164,6 +171,7 @@ class Trainer:
         self.engine = engine
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
+        self.eval_set = eval_batches(cfg, self.data, self.device)
         self.checkpoint = Checkpoint(self.out_dir, cfg)
         self.merges, self.train_s = 0, 0.0
         self.last_eval: dict = {}
@@ -217,8 +225,8 @@ class Trainer:
             if end_of_round:
                 rounds = -(-self.step // cfg.lte.merge_every)
                 if self.step == t.steps or (cfg.eval.every and rounds % cfg.eval.every == 0):
-                    self.last_eval = evaluate(self.model, self.data.test, cfg.eval.batch_size,
-                                              self.device, t.precision)
+                    self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
+                                              t.precision)
                     row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
                 if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
                     self.checkpoint.save(self.state())
@@ -246,7 +254,7 @@ class Trainer:
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
-                f"{len(self.data.test)} test), {what}, {sum(p.numel() for p in engine.params):,} trainable "
+                f"{self.eval_set.samples} eval), {what}, {sum(p.numel() for p in engine.params):,} trainable "
                 f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
 
     # checkpoints -------------------------------------------------------------------------
