@@ -17,6 +17,8 @@ class RunLog:
                  resume: bool = False):
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
+        # The run's whole config, for tools that rebuild its model or data (lte.sample, reports).
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         self._wandb = None
