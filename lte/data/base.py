@@ -15,6 +15,8 @@ A data set is a `DataBundle`:
                 of a token file, too many to shuffle).
   workers       0: batches are gathered in the training process; N: in N DataLoader worker
                 processes with pinned memory and prefetch (the sets must then be picklable).
+  tokenizer     language models: what turns text into the data's token ids and back, an object
+                with encode(str) -> list[int] and decode(ids) -> str (lte.sample uses it); or None.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class DataBundle:
     model_args: dict = field(default_factory=dict)
     sampling: str = "epoch"
     workers: int = 0
+    tokenizer: object = None
 
     def __post_init__(self):
         self.train = as_dataset(self.train, "DataBundle.train")
