@@ -58,7 +58,7 @@ def progress_line(step: int, steps: int, metrics: dict) -> str:
         parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
     if "merges" in metrics:
         parts.append(f"merges {metrics['merges']}")
-    for key in ("eval_loss", "eval_accuracy"):
+    for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
         if key in metrics:
             parts.append(f"{key.replace('_', ' ')} {metrics[key]:.4f}")
     return " | ".join(parts)
