@@ -96,7 +96,8 @@ def compare(full: dict, lte: dict) -> dict:
     fc, lc = full["curve"], lte["curve"]
     best_i = min(range(len(fc["eval_loss"])), key=fc["eval_loss"].__getitem__)
     best = fc["eval_loss"][best_i]
-    out = {"full_best_loss": best, "full_best_samples": fc["samples"][best_i], "full_best_train_s": fc["train_s"][best_i],
+    out = {"full_best_loss": best, "full_best_samples": fc["samples"][best_i],
+           "full_best_train_s": fc["train_s"][best_i],
            "full_final_loss": fc["eval_loss"][-1], "lte_best_loss": min(lc["eval_loss"]),
            "lte_final_loss": lc["eval_loss"][-1], "lte_reaches_full_best": False}
     # LTE's loss at full-rank's sample budget (the last LTE evaluation within it)
@@ -168,8 +169,9 @@ def main() -> None:
     if args.full_from is not None:
         names = [n for n in names if n != "full"]
         summary = json.loads((args.full_from / "summary.json").read_text())
-        results.append({"name": "full", "command": None, "from": str(args.full_from), "curve": eval_curve(args.full_from),
-                        "summary": summary, "samples_per_s_steady": summary["samples_per_s"]})
+        results.append({"name": "full", "command": None, "from": str(args.full_from),
+                        "curve": eval_curve(args.full_from), "summary": summary,
+                        "samples_per_s_steady": summary["samples_per_s"]})
         full_steps = summary["steps"]
     for name in names:
         overrides = [*common, *preset["runs"][name]]

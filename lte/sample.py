@@ -21,7 +21,8 @@ from .errors import ConfigError, UserError
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, block_size: int,
-             temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """Continue the token ids `ids` (B x T) by `new_tokens`, seeing at most block_size tokens at a time."""
     for _ in range(new_tokens):
         logits = model(ids[:, -block_size:])[:, -1, :].float()

@@ -21,7 +21,8 @@ SMALL = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}", "train.log_every=
 # A tiny character GPT on the embedded tiny Shakespeare, in place of the digits ViT.
 GPT = ["--config", str(ROOT / "configs" / "shakespeare_char.yaml"),
        "model.args={n_layer: 1, n_head: 2, n_embd: 16, block_size: 16}", "data.args.block_size=16",
-       "train.batch_size=16", "eval.batches=2", "eval.batch_size=32", "lte.rank=4", "lte.alpha=16", "train.warmup_steps=0"]
+       "train.batch_size=16", "eval.batches=2", "eval.batch_size=32", "lte.rank=4", "lte.alpha=16",
+       "train.warmup_steps=0"]
 
 
 def run(args, *, nproc=None, torchrun=None, env=None, timeout=240, cwd=ROOT):
@@ -129,7 +130,8 @@ def test_ddp_counts_ring_all_reduce_bytes(tmp_path):
 
 
 def test_ddp_trains_the_gpt(tmp_path):
-    code, out = run([*GPT, "mode=ddp", "train.steps=30", "train.lr=3e-3", "eval.every=1", f"out_dir={tmp_path}"], nproc=2)
+    code, out = run([*GPT, "mode=ddp", "train.steps=30", "train.lr=3e-3", "eval.every=1", f"out_dir={tmp_path}"],
+                    nproc=2)
     assert code == 0, out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]

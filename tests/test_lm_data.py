@@ -12,7 +12,6 @@ from lte.data import build_data
 from lte.data.prepare_text import main as prepare_main, pieces, safe_boundary
 from lte.data.text import embedded_shakespeare
 from lte.data.tokens import token_dtype
-from lte.errors import ConfigError
 from lte.train.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +114,14 @@ def bad_token_folder(tmp_path):
     ("missing", ["data.args.path={tmp}/nope.txt"], "data.args.path: no such file"),
     ("empty", ["data.args.path={tmp}/empty.txt"], "data.args.path: {tmp}/empty.txt is empty"),
     ("short", ["data.args.path={tmp}/short.txt"], "data.args.block_size=16: the validation split of"),
-    ("no folder", ["data.name=tokens", "data.args={{path: {tmp}/none, block_size: 16}}"], "data.args.path: no such folder"),
-    ("ids", ["data.name=tokens", "data.args={{path: {tmp}/tok, block_size: 16}}"], "holds token id 70, beyond the vocabulary"),
-    ("block", ["model.args={{block_size: 8}}"], "data.args.block_size=16 is larger than the model's block_size=8"),
-    ("vocab", ["model.args={{vocab_size: 20}}"], "model.args.vocab_size: the model's vocabulary of 20 tokens is smaller"),
+    ("no folder", ["data.name=tokens", "data.args={{path: {tmp}/none, block_size: 16}}"],
+     "data.args.path: no such folder"),
+    ("ids", ["data.name=tokens", "data.args={{path: {tmp}/tok, block_size: 16}}"],
+     "holds token id 70, beyond the vocabulary"),
+    ("block", ["model.args={{block_size: 8}}"],
+     "data.args.block_size=16 is larger than the model's block_size=8"),
+    ("vocab", ["model.args={{vocab_size: 20}}"],
+     "model.args.vocab_size: the model's vocabulary of 20 tokens is smaller"),
 ])
 def test_bad_language_model_inputs_are_one_line_errors(tmp_path, capsys, case, overrides, message):
     (tmp_path / "empty.txt").write_text("")

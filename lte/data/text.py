@@ -12,7 +12,6 @@ import lzma
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import ConfigError
 from .base import DataBundle
