@@ -135,3 +135,12 @@ def test_bad_language_model_inputs_are_one_line_errors(tmp_path, capsys, case, o
     assert code == 2 and err.startswith("lte-train: error: ") and err.count("\n") == 1, err
     assert fill(message) in err, err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "gpt_mini_shakespeare", "gpt2_tinystories"])
+def test_language_model_configs_are_valid(name):
+    from lte.train.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    assert cfg.model.name.startswith("gpt") and cfg.data.name in ("text", "tokens")
+    assert cfg.train.batch_size % cfg.lte.heads == 0
