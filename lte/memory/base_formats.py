@@ -65,9 +65,11 @@ class Dense(BaseFormat):
 
     def linear(self, x, payload, shape, bias):
         w = payload[""]
-        if torch.is_autocast_enabled(x.device.type) or w.dtype == x.dtype:
-            return F.linear(x, w, bias)
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, w, bias)  # autograd keeps w itself (the buffer), not x
+        # A cast weight (bf16 base, fp32 input; or autocast) would be a dense copy that F.linear
+        # keeps for backward; the decoded path casts again in backward instead.
+        return super().linear(x, payload, shape, bias)
 
 
 class FourBit(BaseFormat):
@@ -93,6 +95,8 @@ class FourBit(BaseFormat):
     def encode(self, w):
         import bitsandbytes.functional as bnbf
 
+        if w.is_meta:  # shape-only models (memory accounting) hold shape-only payloads
+            return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.layout(tuple(w.shape)).items()}
         packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE_4BIT,
                                            quant_type=self.quant_type)
         return {"": packed, "absmax": state.absmax.float()}
@@ -100,6 +104,8 @@ class FourBit(BaseFormat):
     def decode(self, payload, shape, dtype):
         import bitsandbytes.functional as bnbf
 
+        if payload[""].is_meta:
+            return torch.empty(shape, dtype=dtype, device="meta")
         state = bnbf.QuantState(absmax=payload["absmax"], shape=torch.Size(shape), code=self._code(payload[""].device),
                                 blocksize=BLOCKSIZE_4BIT, quant_type=self.quant_type, dtype=torch.float32)
         return bnbf.dequantize_4bit(payload[""], state).to(dtype)
@@ -116,6 +122,8 @@ class Int8(BaseFormat):
     def encode(self, w):
         import bitsandbytes.functional as bnbf
 
+        if w.is_meta:
+            return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.layout(tuple(w.shape)).items()}
         q, row_absmax, _ = bnbf.int8_vectorwise_quant(w.detach().to(torch.float16).contiguous())
         return {"": q, "scale": row_absmax.float()}
 
