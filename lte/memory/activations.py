@@ -31,7 +31,7 @@ ACTIVATIONS = ("full", "lora_fa", "velora")
 DEFAULT_VELORA_SUBTOKEN = 128
 
 
-def check_activations(activations: str, reset: str, *, key: str = "activations") -> None:
+def check_activations(activations: str, reset: str, *, key: str = "activations", reset_key: str = "reset") -> None:
     """Refuse an unknown option, or a combination that means nothing, saying why."""
     if isinstance(activations, str) and "lora_fa" in activations and "velora" in activations:
         raise ConfigError(f"{key}={activations!r}: VeLoRA cannot be combined with LoRA-FA: with A frozen there "
@@ -40,7 +40,7 @@ def check_activations(activations: str, reset: str, *, key: str = "activations")
     if activations not in ACTIVATIONS:
         raise ConfigError(f"{key} must be one of {ACTIVATIONS}, got {activations!r}")
     if activations == "lora_fa" and reset == "none":
-        raise ConfigError(f"{key}=lora_fa cannot run with reset=none: LoRA-FA freezes A, and in LTE a frozen A "
+        raise ConfigError(f"{key}=lora_fa cannot run with {reset_key}=none: LoRA-FA freezes A, and in LTE a frozen A "
                           "must be re-drawn at every merge (a kept frozen A confines the weights to the span of "
                           "the heads' A rows), while reset=none keeps A and B across merges; use reset=b or ab")
 

@@ -19,7 +19,9 @@ def identity(cfg: Config) -> dict:
             "data.args": json.dumps(cfg.data.args, sort_keys=True), "lte.heads": cfg.lte.heads, "worker.heads": cfg.worker.heads,
             "lte.rank": cfg.lte.rank, "lte.alpha": cfg.lte.alpha, "lte.reset": cfg.lte.reset,
             "lte.other_params": cfg.lte.other_params, "lte.merge_every": cfg.lte.merge_every,
-            "train.batch_size": cfg.train.batch_size}
+            "train.batch_size": cfg.train.batch_size, "worker.activations": cfg.worker.activations,
+            "worker.velora_subtoken": cfg.worker.velora_subtoken, "worker.chunks": cfg.worker.chunks,
+            "worker.per_rank": json.dumps(cfg.worker.per_rank, sort_keys=True, default=str)}
 
 
 class Checkpoint:
