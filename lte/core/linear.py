@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import BatchError
 from ..memory import BaseFormat, get_format
+from ..memory.base_formats import no_autocast
 from ..memory.activations import head_product, init_subtoken_vectors
 
 
@@ -100,7 +101,7 @@ class LTELinear(nn.Module):
         if v is not None and A.requires_grad:
             init_subtoken_vectors(v, x3)
         dtype = y.dtype  # the base product's compute dtype (bf16 under autocast)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             yh = head_product(y.view(n, -1, self.out_features), x3.to(dtype), A.to(dtype), B.to(dtype),
                               self.scale, v)
         if self.bias_heads is not None:

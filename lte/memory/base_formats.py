@@ -8,6 +8,7 @@ memory for the base is the payload's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -38,8 +39,8 @@ class BaseFormat(ABC):
 
     def linear(self, x: torch.Tensor, payload: dict[str, torch.Tensor], shape: tuple[int, int],
                bias: torch.Tensor | None) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.get_autocast_dtype(x.device.type) if autocasting(x) else x.dtype
+        with no_autocast(x):
             if x.requires_grad:
                 y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
             else:
@@ -65,7 +66,7 @@ class Dense(BaseFormat):
 
     def linear(self, x, payload, shape, bias):
         w = payload[""]
-        if w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if w.dtype == x.dtype and not autocasting(x):
             return F.linear(x, w, bias)  # autograd keeps w itself (the buffer), not x
         # A cast weight (bf16 base, fp32 input; or autocast) would be a dense copy that F.linear
         # keeps for backward; the decoded path casts again in backward instead.
@@ -154,6 +155,15 @@ class _DecodedLinear(torch.autograd.Function):
 def _decode(fmt, shape, tensors, dtype):
     names = sorted(fmt.layout(shape))
     return fmt.decode(dict(zip(names, tensors)), shape, dtype)
+
+
+def autocasting(x: torch.Tensor) -> bool:
+    # the meta device (shape-only memory accounting) has no autocast
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
+def no_autocast(x: torch.Tensor):
+    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
 
 
 FORMATS = ("fp32", "bf16", "nf4", "fp4", "int8")

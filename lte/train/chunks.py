@@ -33,6 +33,11 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # asynchronous to the device only: a copy to pageable host memory may not be complete when it returns
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """The model's list of blocks: the largest nn.ModuleList/nn.Sequential of >= 2 modules of one class."""
     best = None
@@ -124,24 +129,28 @@ class LocalChunks:
             return
         everything = self.stem + self.blocks + self.head
         resident = {id(m) for m in (everything if chunk is None else self._groups(chunk))}
+        trained = {id(p) for p in (self.params if chunk is None else self.trained[chunk])}
+        host = torch.device("cpu")
         for module in everything:
             for sub in module.modules():
-                self._move(sub, self.device if id(module) in resident else torch.device("cpu"))
+                self._move(sub, self.device if id(module) in resident else host, trained)
 
-    def _move(self, module: nn.Module, device: torch.device) -> None:
-        for name, p in module._parameters.items():
-            if p is None or p.device == device:
+    def _move(self, module: nn.Module, device: torch.device, trained: set[int]) -> None:
+        host = torch.device("cpu")
+        for p in module._parameters.values():
+            if p is None:
                 continue
-            p.data = p.data.to(device, non_blocking=True)
-            if p.grad is not None:
-                p.grad = p.grad.to(device, non_blocking=True)
+            if p.device != device:
+                p.data = _to(p.data, device)
+            # the optimizer moments of a frozen proxy are not needed on the device
             state = self.optimizer.state.get(p, {})
+            target = device if id(p) in trained else host
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    state[key] = value.to(device, non_blocking=True)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != target:
+                    state[key] = _to(value, target)
         for name, b in module._buffers.items():
             if b is not None and b.device != device:
-                module._buffers[name] = b.to(device, non_blocking=True)
+                module._buffers[name] = _to(b, device)
 
     # running one chunk ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -194,7 +203,7 @@ class LocalChunks:
         def forward(self_, x, *args, **kwargs):
             out = inner(chunks._input if first else x, *args, **kwargs)
             if end:
-                chunks._tap.append(out.detach().to("cpu", non_blocking=True) if chunks.offload else out.detach())
+                chunks._tap.append(out.detach().to("cpu") if chunks.offload else out.detach())
             return out
         return forward
 

@@ -130,7 +130,7 @@ class Config:
         """worker.* for one worker: its worker.per_rank overrides applied (rank None: worker.* itself)."""
         if rank is None:
             return self.worker
-        overrides = {str(k): v for k, v in self.worker.per_rank.items()}.get(str(rank), {})
+        overrides = {str(k).strip(): v for k, v in self.worker.per_rank.items()}.get(str(rank), {})
         return dataclasses.replace(self.worker, per_rank={}, **overrides)
 
     @property
@@ -301,6 +301,7 @@ def _validate_worker(cfg: Config) -> None:
                           f"mode={cfg.mode} trains full-rank")
     if w.per_rank and cfg.mode != "ps":
         raise ConfigError(f"worker.per_rank sets options per worker process of mode=ps; mode={cfg.mode} has none")
+    normalized = {}
     for rank, overrides in w.per_rank.items():
         key = f"worker.per_rank.{rank}"
         try:
@@ -319,7 +320,8 @@ def _validate_worker(cfg: Config) -> None:
         hints = typing.get_type_hints(WorkerCfg)
         coerced = {k: _coerce(hints[k], v, f"{key}.{k}") for k, v in overrides.items()}
         _check_worker_options(dataclasses.replace(w, **coerced), cfg, key + ".")
-        w.per_rank[rank] = coerced
+        normalized[str(int(rank))] = coerced
+    w.per_rank = normalized  # keys as strings, whether the YAML had 3 or "3"
 
 
 def resolve_heads(cfg: Config, workers: int) -> Config:

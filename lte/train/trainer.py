@@ -297,6 +297,11 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
+        w = cfg.worker
+        if self.lte and w.activations != "full":
+            what += f", {w.activations}" + (f" (M={w.velora_subtoken})" if w.activations == "velora" else "")
+        if engine.chunks is not None:
+            what += f", {engine.chunks.count} local chunks"
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}, {sum(p.numel() for p in engine.params):,} trainable "
                 f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
