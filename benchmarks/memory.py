@@ -22,6 +22,10 @@ temporaries) is not in it. Attention is counted as the fused kernel SDPA picks o
 would fall back to the unfused math path). The DDP worker is one process's full-rank step (its
 gradient buckets, another gradient-sized buffer, are not counted: conservative for LTE). On a
 GPU the same steps run for real and the CUDA allocator's peak is reported next to the accounting.
+The matmul FLOPs of a step (forward and backward, counted on the meta device with FlopCounterMode;
+with local chunks, every chunk's step) are reported next to the measured step time: a CPU shared
+with other work times poorly, FLOPs do not depend on it (they leave out elementwise work such as
+decoding a 4-bit base).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from torch import nn
 import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
+from torch.utils.flop_counter import FlopCounterMode
 from lte.train.chunks import LocalChunks
 from lte.train.trainer import optimizer_step
 
@@ -244,8 +249,12 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
             trained = plan.trained[c]
             plan._tap, plan._input = [], previous if c > 0 else None
             arrange = plan.arranged(c)
-        with arrange, fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
-            loss = loss_of(spec, model(x), y)
+        with FlopCounterMode(display=False) as flops:
+            with arrange, fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
+                loss = loss_of(spec, model(x), y)
+            loss.backward()
+        for p in params:
+            p.grad = None
         if plan is not None and c < chunks - 1:
             previous = plan._tap[0]
         state = nbytes(resident_tensors)
@@ -254,10 +263,10 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
         activations = saved.activation_bytes()
         del loss
         parts.append(dict(state=state, moments=moments, grads=grads, saved=activations,
-                          peak=state + moments + grads + activations))
+                          peak=state + moments + grads + activations, flops=flops.get_total_flops()))
     worst = max(parts, key=lambda p: p["peak"])
     return {**worst, "chunks": parts if chunks > 1 else None, "trained_params": sum(p.numel() for p in params),
-            "batch": n}
+            "batch": n, "flops": sum(p["flops"] for p in parts)}
 
 
 def plain_params(spec: Spec) -> int:
@@ -405,7 +414,7 @@ def main() -> None:
             if device.type == "cuda":
                 acc["cuda_peak"] = measure_cuda(spec, opts, device, spec.per_worker)
             rows[label] = acc
-        timing = {}
+        timing, ctx = {}, None
         if not args.no_timing:
             tb = args.time_batch or (spec.per_worker if device.type == "cuda" else 1)
             ctx = args.time_ctx or (None if device.type == "cuda" or args.dry_run else 128)
@@ -414,7 +423,7 @@ def main() -> None:
                                        "velora_subtoken": spec.velora_m, "params": plain_params(spec), "rows": rows,
                                        "step_s": timing, "time_batch": args.time_batch or (
                                            spec.per_worker if device.type == "cuda" else 1),
-                                       "time_ctx": args.time_ctx or (None if device.type == "cuda" else 128)}
+                                       "time_ctx": ctx if timing and spec.task == "language_model" else None}
         print(table(spec, rows, timing, device))
 
     found = cap_search(cap, device, device.type == "cuda", args.dry_run)
@@ -435,13 +444,15 @@ def table(spec: Spec, rows: dict, timing: dict, device) -> str:
     lines = [f"\n{spec.name}: {plain_params(spec) / 1e6:.1f}M parameters, {spec.per_worker} samples per worker, "
              f"{spec.heads} head(s) of rank {spec.rank}, VeLoRA M={spec.velora_m}",
              "| worker | state + moments + grads (MiB) | saved for backward (MiB) | peak (MiB) | vs DDP |"
-             + (" CUDA peak (MiB) |" if device.type == "cuda" else "") + (" step time vs LTE nf4 |" if timing else ""),
-             "|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "") + ("---|" if timing else "")]
+             + (" CUDA peak (MiB) |" if device.type == "cuda" else "") + " step FLOPs vs LTE nf4 |"
+             + (" step time vs LTE nf4 |" if timing else ""),
+             "|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "") + ("---|" if timing else "")]
     for label, r in rows.items():
         cells = [label, mb(r["state"] + r["moments"] + r["grads"]), mb(r["saved"]), mb(r["peak"]),
                  f"{r['peak'] / ddp:.2f}"]
         if device.type == "cuda":
             cells.append(mb(r["cuda_peak"]))
+        cells.append(f"{r['flops'] / rows[BASELINE]['flops']:.2f}")
         if timing:
             cells.append(f"{timing[label] / timing[BASELINE]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")

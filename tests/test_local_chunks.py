@@ -6,6 +6,7 @@ from torch import nn
 
 import lte
 from lte import core
+from lte.train import chunks as chunks_module
 from lte.train.chunks import LocalChunks, find_blocks, split
 from test_activations import TinyGPT
 from test_compile import tiny
@@ -76,3 +77,21 @@ def test_chunks_beyond_the_blocks_are_refused():
     model = prepared(depth=2)
     with pytest.raises(lte.ConfigError, match="more than the 2 blocks"):
         LocalChunks(model, 3, trainable(model), None, torch.device("cpu"))
+
+
+def test_only_the_chunk_and_its_proxy_are_resident(monkeypatch):
+    """The placement a GPU gets (no GPU here: the copies are recorded instead of made)."""
+    model = prepared()
+    params = trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    model(torch.randint(64, (4, 6))).square().mean().backward()
+    opt.step()  # optimizer moments exist
+    sent = set()
+    monkeypatch.setattr(chunks_module, "_to", lambda t, device: sent.add(t.data_ptr()) or t)
+    chunks = LocalChunks(model, 3, params, opt, torch.device("cuda"))
+    assert chunks.offload
+    chunks.place(1)                                          # chunk 2 of 3: block 2, proxy f_L = block 3, d
+    resident = [t for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if n.startswith(("blocks.2.", "blocks.3.", "ln_f", "head"))]
+    moments = [v for p in chunks.trained[1] for v in opt.state[p].values() if v.dim() > 0]  # not the proxy's
+    assert sent == {t.data_ptr() for t in resident + moments}
