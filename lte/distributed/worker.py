@@ -93,9 +93,11 @@ class Worker:
         for k, t in self.head_tensors.items():
             t.copy_(views[k])
         opt = self.engine.optimizer
+        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
         for k in self.proto.trained:
             p = self.head_tensors[k]
-            opt.state[p] = {"step": views[f"{k}.step"].clone(), "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
+            opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
+                            "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
                             "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
         torch.set_rng_state(views["rng"].clone())
         self.exchange.add(views["comm"])

@@ -108,7 +108,8 @@ class Engine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")  # one kernel per step on a GPU
         self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
                                               min_ratio=t.min_lr_ratio)
         self.forward = torch.compile(self.model) if t.compile else self.model
