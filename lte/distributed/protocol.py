@@ -77,6 +77,7 @@ class Protocol:
                        if velora_subtoken else [])
         state += [(k, s, torch.float32) for k, s in self.velora]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
+        state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
         self.state = Layout(state)
         self.trained = trained
 

@@ -11,14 +11,13 @@ import time
 
 import torch
 
-from .. import core
+from .. import core, faults
 from ..core.merge import key
 from ..data import build_data
 from ..errors import UserError
 from ..memory import check_runs_on, get_format
 from ..train.config import Config
 from ..train.trainer import Engine
-from . import faults
 from .comm import Exchange
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
@@ -53,6 +52,7 @@ class Worker:
             self.error = exc
             return
         model = self.engine.model
+        # every worker's messages: sizes differ when worker.per_rank mixes options
         self.protos = worker_protocols(cfg, core.state_of(model).spec, master_shapes(model), env.world - 1)
         self.proto = self.protos[self.index]
 
@@ -70,8 +70,10 @@ class Worker:
             raise self.error
         if control.abort:
             raise UserError(f"worker rank {self.env.rank}: the parameter server stopped the run (see its error)")
-        fmts, groups = format_groups(self.protos)
-        self.group = None if len(fmts) == 1 else self.exchange.groups(groups)[fmts.index(self.proto.fmt.name)]
+        if not control.finished:  # the server makes the same groups at the same point
+            formats, members = format_groups(self.protos)
+            self.group = None if len(formats) == 1 else \
+                self.exchange.groups(members)[formats.index(self.proto.fmt.name)]
         return control
 
     def receive_base(self, what: str) -> bool:
@@ -93,8 +95,9 @@ class Worker:
             tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
         tensors.update(core.velora_vectors(self.engine.model))
         tensors["rng"] = torch.get_rng_state()
+        tensors["comm"] = self.exchange.snapshot()
         self.exchange.gather(self.proto.state.pack(tensors), [p.state.nbytes for p in self.protos],
-                             "the checkpoint upload")
+                             "the checkpoint upload", checkpoint=True)
 
     @torch.no_grad()
     def load_state(self, buf: torch.Tensor, step: int) -> None:
@@ -103,21 +106,26 @@ class Worker:
         for k, t in {**heads, **core.velora_vectors(self.engine.model)}.items():
             t.copy_(views[k])
         opt = self.engine.optimizer
+        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
         for k in self.proto.trained:
             p = heads[k]
-            opt.state[p] = {"step": views[f"{k}.step"].clone(), "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
+            opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
+                            "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
                             "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
         torch.set_rng_state(views["rng"].clone())
+        self.exchange.add(views["comm"])
         self.engine.seek(step)
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         cfg, ex, proto = self.cfg, self.exchange, self.proto
         control = self.hello()
+        if control.finished:
+            return  # the run in out_dir is done; the server says so
         engine = self.engine
         if control.resume:
-            self.load_state(ex.scatter(None, [p.state.nbytes for p in self.protos], "the checkpoint restore"),
-                            control.step)
+            self.load_state(ex.scatter(None, [p.state.nbytes for p in self.protos], "the checkpoint restore",
+                                       checkpoint=True), control.step)
             getattr(engine.model, core.MERGES_KEY).fill_(control.merges)
         self.receive_base("the initial base download")
         if not control.resume:
@@ -142,8 +150,9 @@ class Worker:
             core.finish_merge(engine.model, engine.optimizer)
             if not accepted:
                 core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
-            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
+            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and engine.step < steps:
                 self.upload_state()
         digest = proto.base_digest(proto.worker_base(engine.model))
         ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+        self.upload_state()  # for the final checkpoint, which a longer run continues from
         ex.counters()

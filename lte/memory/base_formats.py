@@ -193,6 +193,9 @@ def check_runs_on(fmt: BaseFormat, device: torch.device) -> None:
         payload = fmt.encode(w)
         x = torch.randn(2, 128, device=device, requires_grad=True)
         fmt.linear(x, payload, (8, 128), None).sum().backward()
+        error = float((fmt.decode(payload, (8, 128), torch.float32) - w).abs().max())  # real values, not shapes
+        if not error <= 0.5 * float(w.abs().max()):
+            raise RuntimeError(f"the decoded weight is off by {error:g}")
     except Exception as exc:  # bitsandbytes raises many kinds of errors for unsupported devices
         raise ConfigError(f"worker.base_dtype={fmt.name} cannot run on {device}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
