@@ -3,8 +3,8 @@ with each per-worker memory option, for a GPT2-124M-shaped and a ViT-B/32-shaped
 time of each relative to plain LTE (nf4); and, under a fixed memory cap, the largest GPT that
 trains as a DDP worker and as the leanest LTE worker.
 
-    python benchmarks/memory.py                 # CPU: accounting on the meta device (seconds) + timings
-    python benchmarks/memory.py --device cuda   # GPU: torch.cuda.max_memory_allocated and a real cap search
+    python benchmarks/memory.py                 # on a GPU: torch.cuda.max_memory_allocated, a real cap search
+                                                # on a CPU: accounting on the meta device + timings
     python benchmarks/memory.py --dry-run       # tiny shapes, seconds (the GPU suite's smoke test)
 
 How memory is counted on a CPU (no GPU to measure): the model is built on the meta device (shapes
@@ -365,17 +365,32 @@ def fits(spec: Spec, opts, device, cap: int, real: bool) -> bool:
         torch.cuda.empty_cache()
 
 
-def cap_search(cap: int, device, real: bool, dry: bool) -> dict:
+def cap_search(cap: int, device, real: bool, dry: bool, deadline: float) -> dict:
+    """The largest GPT of the family (sizes increase) that fits under `cap` as a DDP worker and as the
+    leanest LTE worker; on a GPU, under torch.cuda.set_per_process_memory_fraction(cap / total)."""
     family = {"gpt-tiny": (64, 4, 4), "gpt-small": (128, 4, 4), "gpt-mid": (256, 8, 8)} if dry else GPT_FAMILY
     kw = dict(vocab=512, ctx=64, per_worker=2, rank=8) if dry else {}
+    if real:
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
     found = {}
-    for who, opts in (("ddp", None), ("lte", LEANEST)):
-        best = None
-        for name, shape in family.items():
-            spec = gpt_spec(name, *shape, **kw)
-            if fits(spec, opts, device, cap, real):
+    try:
+        for who, opts in (("ddp", None), ("lte", LEANEST)):
+            best, tried = None, []
+            for name, shape in family.items():
+                if time.perf_counter() > deadline:
+                    tried.append(f"{name}: not tried (time limit)")
+                    break
+                spec = gpt_spec(name, *shape, **kw)
+                if not fits(spec, opts, device, cap, real):
+                    tried.append(f"{name}: does not fit")
+                    break  # the sizes only grow
                 best = (name, plain_params(spec))
-        found[who] = best
+                tried.append(f"{name}: fits")
+            found[who] = best
+            found[who + "_tried"] = tried
+    finally:
+        if real:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
     return found
 
 
@@ -387,7 +402,10 @@ def mb(n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=None, help="the JSON to write (default: benchmarks/results/)")
+    parser.add_argument("--time-limit-s", type=float, default=270,
+                        help="the cap search tries no larger model after this many seconds of the run")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, seconds")
     parser.add_argument("--cap-gib", type=float, default=None,
                         help="memory cap of the model-size search (default: 16 GiB; dry run 64 MiB)")
@@ -401,7 +419,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    started = time.perf_counter()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     cap = int((args.cap_gib if args.cap_gib is not None else (1 / 16 if args.dry_run else 16)) * 2**30)
@@ -418,7 +437,8 @@ def main() -> None:
         if not args.no_timing:
             tb = args.time_batch or (spec.per_worker if device.type == "cuda" else 1)
             ctx = args.time_ctx or (None if device.type == "cuda" or args.dry_run else 128)
-            timing = time_rows(spec, device, tb, args.time_steps, args.repeats, ctx)
+            steps, repeats = (1, 1) if args.dry_run else (args.time_steps, args.repeats)
+            timing = time_rows(spec, device, tb, steps, repeats, ctx)
         result["models"][spec.name] = {"per_worker_batch": spec.per_worker, "heads": spec.heads, "rank": spec.rank,
                                        "velora_subtoken": spec.velora_m, "params": plain_params(spec), "rows": rows,
                                        "step_s": timing, "time_batch": args.time_batch or (
@@ -426,15 +446,15 @@ def main() -> None:
                                        "time_ctx": ctx if timing and spec.task == "language_model" else None}
         print(table(spec, rows, timing, device))
 
-    found = cap_search(cap, device, device.type == "cuda", args.dry_run)
+    found = cap_search(cap, device, device.type == "cuda", args.dry_run, started + args.time_limit_s)
     result["cap_search"] = found
     ratio = found["lte"][1] / found["ddp"][1] if found["ddp"] and found["lte"] else None
     result["cap_ratio"] = ratio
     print(f"\nUnder a cap of {cap / 2**30:g} GiB ({'measured' if device.type == 'cuda' else 'accounted'}): "
           f"largest GPT as a DDP worker {found['ddp']}, as an LTE worker (nf4 + lora_fa + 4 chunks) {found['lte']}"
           + (f": {ratio:.1f}x the parameters" if ratio else ""))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"memory{'-dry' if args.dry_run else ''}-{device.type}.json"
+    out = args.out or RESULTS / f"memory{'-dry' if args.dry_run else ''}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -20,6 +20,14 @@ def tiny(name):
     return MlpMixer(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=16, num_blocks=2)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each case compiles new model instances of the same classes: without a reset, dynamo's
+    per-code-object cache (recompile_limit, 8) fills up after eight cases and fullgraph fails."""
+    torch._dynamo.reset()
+    yield
+
+
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
