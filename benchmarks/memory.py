@@ -32,21 +32,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
-from torch.utils.flop_counter import FlopCounterMode
 from lte.train.chunks import LocalChunks
 from lte.train.trainer import optimizer_step
 
