@@ -307,3 +307,25 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
     b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_imagenet100_config_starts_with_one_command(tmp_path):
+    """The shipped config on a folder holding the 100 ImageNet100 classes (and one more that the
+    class list leaves out), at test shapes: it trains and evaluates on exactly those classes."""
+    from lte.data.imagefolder import read_class_list
+
+    names, _ = read_class_list("imagenet100")
+    for split in ("train", "val"):
+        for i, name in enumerate([*names, "n99999999"]):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (i, 255 - i, 7)).save(tmp_path / split / name / "a.JPEG")
+    code = main(["--config", str(ROOT / "configs" / "vit_s32_imagenet100.yaml"), f"data.args.root={tmp_path}",
+                 "data.args.image_size=32", "data.args.workers=0", f"out_dir={tmp_path / 'run'}",
+                 "model.args={embed_dim: 32, depth: 1, num_heads: 2}", "model.args.patch_size=16", "train.steps=2",
+                 "train.batch_size=64", "train.warmup_steps=1", "train.compile=false", "lte.merge_every=1",
+                 "eval.batch_size=50"])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["merges"] == 2 and summary["heads"] == 32 and 0 <= summary["eval"]["accuracy"] <= 1
+    weights = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    assert weights["head.weight"].shape[0] == 100

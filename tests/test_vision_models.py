@@ -138,3 +138,25 @@ def test_torchvision_vit_by_name_in_a_run(tmp_path):
     weights = fused_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
     torchvision.models.VisionTransformer(image_size=64, patch_size=32, num_layers=1, num_heads=2, hidden_dim=16,
                                          mlp_dim=32, num_classes=5).load_state_dict(weights, strict=True)
+
+
+# Table 5 (and its note for the Mixer): global batch, full-rank lr, LTE lr; 32 heads of rank 64,
+# alpha 4096, merge every 10 throughout (sections 4.3, A.1, D.1-D.3).
+PAPER_CONFIGS = {
+    "vit_s32_imagenet100": ("vit_small_patch32_224", "imagefolder", 4096, 3e-3, 3e-5),
+    "vit_s32_imagenet1k": ("vit_small_patch32_224", "imagefolder", 8192, 3e-3, 3e-5),
+    "vit_b32_imagenet100": ("vit_base_patch32_224", "imagefolder", 4096, 3e-3, 3e-5),
+    "mixer_s32_imagenet100": ("mixer_s32_224", "imagefolder", 4096, 1e-3, 1e-4),
+    "vit_s32_cifar10": ("vit_small_patch32_224", "cifar10", 1024, 3e-4, 2e-5),
+    "vit_s32_cifar100": ("vit_small_patch32_224", "cifar100", 1024, 3e-4, 2e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_configs_hold_table_5(name):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    model, data, batch, lr, lte_lr = PAPER_CONFIGS[name]
+    assert (cfg.model.name, cfg.data.name, cfg.train.batch_size) == (model, data, batch)
+    assert cfg.train.lr == pytest.approx(lr) and cfg.lte.lr == pytest.approx(lte_lr)
+    assert (cfg.lte.heads, cfg.lte.rank, cfg.lte.alpha, cfg.lte.merge_every) == (32, 64, 4096, 10)
+    assert cfg.data.args.get("classes") == ("imagenet100" if "imagenet100" in name else None)
