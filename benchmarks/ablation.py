@@ -167,6 +167,62 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def pipeline_throughput(args) -> None:
+    """Full-rank vs LTE training of ViT-S/32 from a generated ImageNet100-shaped JPEG folder with
+    the shipped config (bf16, torch.compile, 32 heads of rank 64, batch 4096), data pipeline
+    included: images/s is the median of the logged intervals after the first two (compilation)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lte_bench_data", Path(__file__).with_name("data.py"))
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    base = Path(args.runs_dir) / ("gpu-dry" if args.dry_run else "gpu")
+    if args.dry_run:  # tiny shapes on the CPU: checks the path, measures nothing
+        folder = bench_data.make_folder(base / "images", 2, 4, (64, 48))
+        shape = ["data.args.image_size=32", "data.args.workers=1", "model.args={embed_dim: 16, depth: 1, num_heads: 2}",
+                 "train.steps=4", "train.batch_size=8", "lte.heads=4", "train.log_every=1", "train.warmup_steps=1",
+                 "train.compile=false", "train.precision=fp32", "train.device=cpu", "eval.batch_size=8"]
+    else:
+        folder = bench_data.make_folder(base / "images", 100, args.images_per_class, (500, 375))
+        shape = [f"train.steps={args.steps_gpu}", "train.log_every=10", "train.warmup_steps=10"]
+        if args.workers is not None:
+            shape.append(f"data.args.workers={args.workers}")
+        if args.resized:
+            small = base / f"images-{args.resized}"
+            if not (small / "done").exists():
+                from lte.data.resize import resize_folder
+
+                resize_folder(str(folder), str(small), size=args.resized)
+                (small / "done").touch()
+            folder = small
+    results = []
+    for mode in ("full", "lte"):
+        out_dir = base / mode
+        cfg = ROOT / "configs" / "vit_s32_imagenet100.yaml"
+        cmd = [sys.executable, "-m", "lte.train", "--config", str(cfg), f"mode={mode}", f"out_dir={out_dir}",
+               f"data.args.root={folder}", "data.args.classes=null", "eval.every=0", "checkpoint.every=0",
+               "checkpoint.resume=false", *shape]
+        with (base / f"{mode}.log").open("w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code:
+            raise SystemExit(f"{mode} run failed; see {base / f'{mode}.log'}")
+        summary = json.loads((out_dir / "summary.json").read_text())
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+        steady = rates[2:] or rates
+        results.append({"mode": mode, "images_per_s_median": statistics.median(steady), "intervals": rates,
+                        "peak_memory_bytes": summary.get("peak_memory_bytes"), "device": summary.get("device"),
+                        "trainable_params": summary["trainable_params"], "load": open("/proc/loadavg").read().split()[:3]})
+        print(f"{mode:<5} {results[-1]['images_per_s_median']:>9,.0f} images/s (median of {len(steady)} intervals) "
+              f"on {summary.get('device')}", flush=True)
+    report = {"benchmark": "ablation-gpu", "dry_run": args.dry_run, "folder": str(folder), "machine": machine(),
+              "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"-> {out}")
+
+
 def machine() -> dict:
     import torch
 
@@ -183,6 +239,11 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/ablation")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--steps-gpu", type=int, default=60, help="gpu preset: training steps per mode")
+    parser.add_argument("--images-per-class", type=int, default=50, help="gpu preset: generated images per class")
+    parser.add_argument("--workers", type=int, default=None, help="gpu preset: DataLoader workers (default: auto)")
+    parser.add_argument("--resized", type=int, default=None,
+                        help="gpu preset: train from a resize-images copy with this shorter side (the fast path)")
     args = parser.parse_args()
     args.load_before = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else None
     if args.preset == "cpu":
@@ -190,7 +251,9 @@ def main() -> None:
                                 else "benchmarks/results/ablation.json")
         study(args)
     else:
-        from throughput_pipeline import pipeline_throughput  # noqa: F401  (filled in below)
+        args.out = args.out or ("benchmarks/results/ablation-gpu-dry.json" if args.dry_run
+                                else "benchmarks/results/ablation-gpu.json")
+        pipeline_throughput(args)
 
 
 if __name__ == "__main__":
