@@ -9,7 +9,9 @@ Three sources are measured: JPEGs of ImageNet's typical size (500 x 375, quality
 ImageNet's average file) decoded whole; the same with fast_decode (DCT-scaled decoding of large
 crops); and the copy `lte-train resize-images --size 256` makes (the fast path). Generated images
 are smooth random fields plus noise, so their JPEGs cost about what photographs cost to decode.
-Timings depend on the host's load: the load average is recorded next to every figure.
+Timings depend on the host's load: the load average is recorded next to every figure, and the
+in-process run (0 workers) also reports CPU milliseconds per image, which the load barely moves:
+cores needed for a rate R = R x that / 1000.
 """
 from __future__ import annotations
 
@@ -65,13 +67,16 @@ def measure(root: Path, workers: int, batch: int, steps: int, image_size: int, f
     batches.get(0)  # start-up (worker processes, first batches) is not what a long run sees
     batches.get(1)
     before = load()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for step in range(2, steps + 2):
         x, _ = batches.get(step)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     batches.close()
     assert x.shape == (batch, 3, image_size, image_size)
-    return {"workers": workers, "images_per_s": steps * batch / elapsed, "load_before": before, "load_after": load()}
+    row = {"workers": workers, "images_per_s": steps * batch / elapsed, "load_before": before, "load_after": load()}
+    if workers == 0:  # all the work is in this (single-threaded) process: CPU time per image, whatever the load
+        row["cpu_ms_per_image"] = 1e3 * cpu / (steps * batch)
+    return row
 
 
 def main() -> None:
@@ -107,7 +112,8 @@ def main() -> None:
         for w in [int(v) for v in args.workers.split(",")]:
             r = measure(root, w, args.batch, args.steps, args.image_size, fast)
             rows.append({"source": label, **r})
-            print(f"{label:<38} workers {w:>2}: {r['images_per_s']:>7.0f} images/s  (load {r['load_before']})",
+            cpu = f"  {r['cpu_ms_per_image']:.2f} CPU ms/image" if "cpu_ms_per_image" in r else ""
+            print(f"{label:<38} workers {w:>2}: {r['images_per_s']:>7.0f} images/s{cpu}  (load {r['load_before']})",
                   flush=True)
     report = {"benchmark": "data", "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
               "mean_file_kb": {"500x375": jpeg_kb, f"resized{args.resize}": small_kb},

@@ -61,8 +61,9 @@ def center_box(width: int, height: int, size: int, crop_fraction: float) -> Box:
     return left, top, left + side, top + side
 
 
-def crop_resize(image, box: Box, size: int, fast_decode: bool) -> np.ndarray:
-    """`box` of a PIL image (opened, maybe not yet decoded) resized to size x size, as uint8 H x W x 3."""
+def crop_resize(image, box: Box, size: int, fast_decode: bool, flip: bool = False) -> np.ndarray:
+    """`box` of a PIL image (opened, maybe not yet decoded) resized to size x size (then mirrored
+    left-right if `flip`), as uint8 H x W x 3."""
     from PIL import Image
 
     if fast_decode and image.format == "JPEG":
@@ -76,8 +77,10 @@ def crop_resize(image, box: Box, size: int, fast_decode: bool) -> np.ndarray:
         image = image.convert("RGB")
     # crop, then resize: exactly torchvision's resized_crop on a PIL image (a resize with box= would
     # also blend in the pixels just outside the box)
-    crop = image.crop(tuple(int(round(v)) for v in box))
-    return np.asarray(crop.resize((size, size), Image.BILINEAR, reducing_gap=None))
+    out = image.crop(tuple(int(round(v)) for v in box)).resize((size, size), Image.BILINEAR, reducing_gap=None)
+    if flip:  # in PIL: a numpy view with a negative stride would make the batch copy slow
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
 
 
 class ImageSet:
@@ -102,8 +105,7 @@ class ImageSet:
             if self.train:
                 rng = random.Random(key if key is not None else i)
                 box = random_resized_box(width, height, rng)
-                pixels = crop_resize(image, box, self.image_size, self.fast_decode)
-                return pixels[:, ::-1] if rng.random() < 0.5 else pixels
+                return crop_resize(image, box, self.image_size, self.fast_decode, flip=rng.random() < 0.5)
             box = center_box(width, height, self.image_size, self.crop_fraction)
             return crop_resize(image, box, self.image_size, self.fast_decode)
         finally:
