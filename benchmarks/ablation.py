@@ -70,6 +70,10 @@ def run_name(overrides: dict, seed: int) -> str:
 def train_one(overrides: dict, seed: int, steps: int, out_dir: Path, extra: list[str]) -> dict:
     """One lte-train process; returns its summary and eval curve (reused if already there)."""
     summary_path = out_dir / "summary.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not summary_path.exists() and not claim(out_dir):  # another ablation process is running it
+        while not summary_path.exists():
+            time.sleep(10)
     if not summary_path.exists():
         merge_every = overrides.get("lte.merge_every", 10)
         args = [f"{k}={v}" for k, v in overrides.items()] + [
@@ -88,6 +92,15 @@ def train_one(overrides: dict, seed: int, steps: int, out_dir: Path, extra: list
             "trainable_params": summary["trainable_params"], "curve": curve}
 
 
+def claim(out_dir: Path) -> bool:
+    """True if this process may run out_dir (so two processes can share the study: --reverse)."""
+    try:
+        os.close(os.open(out_dir / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def study(args) -> None:
     runs_dir = Path(args.runs_dir)
     steps = 6 if args.dry_run else args.steps
@@ -95,13 +108,13 @@ def study(args) -> None:
     extra = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}"] if args.dry_run else []
     results = {}
     t0 = time.time()
-    for overrides in unique_runs(STUDY).values():
-        for seed in seeds:
-            name = run_name(overrides, seed)
-            r = train_one(overrides, seed, steps, runs_dir / name, extra)
-            results[name] = r
-            print(f"{name:<18} acc {r['eval']['accuracy']:.4f} loss {r['eval']['loss']:.4f} "
-                  f"({r['wall_s']:.0f} s)", flush=True)
+    todo = [(o, s) for o in unique_runs(STUDY).values() for s in seeds]
+    for overrides, seed in (reversed(todo) if args.reverse else todo):
+        name = run_name(overrides, seed)
+        r = train_one(overrides, seed, steps, runs_dir / name, extra)
+        results[name] = r
+        print(f"{name:<18} acc {r['eval']['accuracy']:.4f} loss {r['eval']['loss']:.4f} "
+              f"({r['wall_s']:.0f} s)", flush=True)
     rows = []
     for group, label, overrides in STUDY:
         per_seed = [results[run_name(overrides, s)] for s in seeds]
@@ -239,6 +252,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/ablation")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the study's runs last first (a second process on the same --runs-dir shares the work)")
     parser.add_argument("--steps-gpu", type=int, default=60, help="gpu preset: training steps per mode")
     parser.add_argument("--images-per-class", type=int, default=50, help="gpu preset: generated images per class")
     parser.add_argument("--workers", type=int, default=None, help="gpu preset: DataLoader workers (default: auto)")
