@@ -1,11 +1,13 @@
 """Counted collectives between the parameter server (rank 0) and the workers, and byte packing.
 
 Every message is one flat uint8 buffer packed from named tensors of mixed dtypes (a Layout that
-both sides derive from the model, so nothing but the bytes travels). Byte counts are the logical
+both sides derive from the model, so nothing but the bytes travel). Byte counts are the logical
 point-to-point payload: a worker's upload counts once as sent by the worker and once as received
 by the server; a broadcast counts (workers x size) as sent by the server and once as received by
-each worker. Barriers and the end-of-run exchange of the counters themselves move no payload and
-are not counted.
+each worker. Training traffic and checkpoint traffic (the workers' state going to the server's
+checkpoint, and back on a restart) are counted apart, so the training figures do not depend on
+how often a run checkpoints. Barriers and the end-of-run exchange of the counters themselves move
+no payload and are not counted.
 """
 from __future__ import annotations
 
@@ -63,22 +65,24 @@ class Exchange:
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
         self.rank, self.world, self.device = rank, world, device
         self.timeout = timedelta(seconds=timeout_s)
-        self.sent = self.received = 0
+        self.sent = self.received = 0              # training traffic
+        self.ckpt_sent = self.ckpt_received = 0    # checkpoint traffic
         self._dummy: dict[int, torch.Tensor] = {}
 
     @property
     def workers(self) -> int:
         return self.world - 1
 
-    def gather(self, buf: torch.Tensor | None, nbytes: int, what: str) -> list[torch.Tensor] | None:
+    def gather(self, buf: torch.Tensor | None, nbytes: int, what: str, checkpoint: bool = False
+               ) -> list[torch.Tensor] | None:
         """Workers send `buf` (nbytes) to the server; the server gets one buffer per worker."""
         if self.rank == 0:
             out = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
             self._run(lambda: dist.gather(self._placeholder(nbytes), out, dst=0), what)
-            self.received += nbytes * self.workers
+            self._count(0, nbytes * self.workers, checkpoint)
             return out[1:]
         self._run(lambda: dist.gather(buf.to(self.device), None, dst=0), what)
-        self.sent += nbytes
+        self._count(nbytes, 0, checkpoint)
         return None
 
     def broadcast(self, buf: torch.Tensor, what: str) -> torch.Tensor:
@@ -91,29 +95,48 @@ class Exchange:
             self.received += buf.numel()
         return buf
 
-    def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int, what: str) -> torch.Tensor | None:
+    def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int, what: str, checkpoint: bool = False
+                ) -> torch.Tensor | None:
         """The server sends bufs[w] to worker w+1."""
         out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if self.rank == 0:
             self._run(lambda: dist.scatter(out, [self._placeholder(nbytes)] + [b.to(self.device) for b in bufs],
                                            src=0), what)
-            self.sent += nbytes * self.workers
+            self._count(nbytes * self.workers, 0, checkpoint)
             return None
         self._run(lambda: dist.scatter(out, None, src=0), what)
-        self.received += nbytes
+        self._count(0, nbytes, checkpoint)
         return out
 
     def barrier(self, what: str) -> None:
         self._run(lambda: dist.barrier(), what)
 
+    def snapshot(self) -> torch.Tensor:
+        """This rank's four counters, for a checkpoint."""
+        return torch.tensor([self.sent, self.received, self.ckpt_sent, self.ckpt_received], dtype=torch.int64)
+
+    def add(self, snapshot: torch.Tensor) -> None:
+        """Add the counters of earlier attempts (a checkpoint's snapshot) to this attempt's."""
+        sent, received, ckpt_sent, ckpt_received = (int(v) for v in snapshot)
+        self.sent, self.received = self.sent + sent, self.received + received
+        self.ckpt_sent, self.ckpt_received = self.ckpt_sent + ckpt_sent, self.ckpt_received + ckpt_received
+
     def counters(self) -> list[dict] | None:
-        """Every rank's (sent, received), collected on the server at the end (not counted)."""
-        mine = torch.tensor([self.sent, self.received], dtype=torch.int64, device=self.device)
+        """Every rank's counters, collected on the server at the end (not counted)."""
+        mine = self.snapshot().to(self.device)
         out = [torch.zeros_like(mine) for _ in range(self.world)] if self.rank == 0 else None
         self._run(lambda: dist.gather(mine, out, dst=0), "the final byte count")
         if self.rank != 0:
             return None
-        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1])} for r, t in enumerate(out)]
+        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1]),
+                 "checkpoint_bytes_sent": int(t[2]), "checkpoint_bytes_received": int(t[3])}
+                for r, t in enumerate(out)]
+
+    def _count(self, sent: int, received: int, checkpoint: bool) -> None:
+        if checkpoint:
+            self.ckpt_sent, self.ckpt_received = self.ckpt_sent + sent, self.ckpt_received + received
+        else:
+            self.sent, self.received = self.sent + sent, self.received + received
 
     def _placeholder(self, nbytes: int) -> torch.Tensor:
         if nbytes not in self._dummy:

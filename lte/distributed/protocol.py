@@ -62,6 +62,7 @@ class Protocol:
             state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
                       (f"{k}.step", (), torch.float32)]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
+        state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
         self.state = Layout(state)
         self.trained = trained
 

@@ -5,11 +5,12 @@ Its master weights are the parameters of a plain instance of the user's model, s
 exporting the master is just using that model. A round: gather every worker's factors, leave out
 workers whose upload is not finite, W += (s/N) sum_n B_n A_n over the heads kept (one matmul per
 layer, the same function the simulated trainer uses), average the replicas, re-quantize, send.
+The server holds the run directory (lte.train.rundir): the workers' state reaches its checkpoints
+through the checkpoint upload, and goes back to them on a restart.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -17,9 +18,9 @@ from .. import core
 from ..data import build_data
 from ..errors import UserError
 from ..memory import get_format
-from ..train.checkpoint import Checkpoint
 from ..train.config import Config
 from ..train.log import RunLog, peak_memory, progress_line
+from ..train.rundir import RunDir, Start, finished_line, load_model_state
 from ..train.trainer import build_model, eval_batches, evaluate
 from .comm import Exchange
 from .env import DistEnv
@@ -34,8 +35,12 @@ class ParameterServer:
         self.cfg, self.env, self.exchange = cfg, env, exchange
         self.workers = env.world - 1
         self.error: UserError | None = None
-        self.resume_state: dict | None = None
+        self.rundir = RunDir(cfg)
+        self.start = Start()
         try:
+            self.start = self.rundir.open(say=RunLog.say)
+            if self.start.finished is not None:
+                return  # nothing to build: the run in out_dir is done
             self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.model = build_model(cfg, self.data, env.device)  # same seed: same init as the workers
             self.eval_set = eval_batches(cfg, self.data, env.device)
@@ -46,12 +51,8 @@ class ParameterServer:
                                   local_heads=cfg.worker.heads, rank=cfg.lte.rank,
                                   fmt=get_format(cfg.worker.base_dtype), workers=self.workers,
                                   trained=spec.trained_keys())
-            self.out_dir = Path(cfg.out_dir)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoint = Checkpoint(self.out_dir, cfg)
-            if cfg.checkpoint.resume and self.checkpoint.exists():
-                self.resume_state = self.checkpoint.load()
-                self.checkpoint.load_model(self.model, self.resume_state["master"])
+            if self.start.state is not None:
+                load_model_state(self.model, self.start.state["master"], self.start.path)
         except UserError as exc:
             self.error = exc
 
@@ -63,12 +64,13 @@ class ParameterServer:
             failed, size = (int(v) for v in HELLO.unpack(buf)["status"])
             if failed:
                 problems.append(f"worker rank {w + 1} could not start (see its error)")
-            elif self.error is None and size != self.proto.upload.nbytes:
+            elif self.error is None and self.start.finished is None and size != self.proto.upload.nbytes:
                 problems.append(f"worker rank {w + 1} holds a different model (upload of {size} bytes, "
                                 f"expected {self.proto.upload.nbytes}): every process must use the same config")
-        state = self.resume_state or {}
+        state = self.start.state or {}
         control = Control(abort=bool(self.error or problems), resume=bool(state),
-                          step=state.get("step", 0), merges=state.get("merges", 0))
+                          finished=self.start.finished is not None, step=state.get("step", 0),
+                          merges=state.get("merges", 0))
         self.exchange.broadcast(control.pack(), "the start-up handshake")
         if self.error:
             raise self.error
@@ -76,29 +78,54 @@ class ParameterServer:
             raise UserError("; ".join(problems))
         return control
 
-    # the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        control = self.handshake()  # raises if this server or a worker could not set up
+        try:
+            control = self.handshake()  # raises if this server or a worker could not set up
+            if control.finished:
+                RunLog.say(finished_line(self.rundir.path, self.start.finished))
+                return self.start.finished
+            return self.train(control)
+        finally:
+            self.rundir.unlock()
+
+    # the loop ----------------------------------------------------------------------------
+    def train(self, control: Control) -> dict:
         cfg, ex, proto = self.cfg, self.exchange, self.proto
         k, steps, T, batch = cfg.worker.heads, cfg.train.steps, cfg.lte.merge_every, cfg.train.batch_size
-        state = self.resume_state or {}
+        state = self.start.state or {}
         if control.resume:
-            ex.scatter([proto.state.pack(w) for w in state["workers"]], proto.state.nbytes, "the checkpoint restore")
+            ex.scatter([proto.state.pack(w) for w in state["workers"]], proto.state.nbytes, "the checkpoint restore",
+                       checkpoint=True)
             torch.set_rng_state(state["rng"])
+            ex.add(state["comm"])
         everyone = torch.ones(self.workers, dtype=torch.int64)
         last_download = proto.encode_base(self.master, everyone)
         ex.broadcast(last_download, "the initial base download")
 
-        log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     wandb_mode=cfg.log.wandb_mode, resume=control.resume)
+        log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                     wandb_mode=cfg.log.wandb_mode)
         if control.resume:
-            self.checkpoint.trim_metrics(control.step)
-            log.say(f"resumed from {self.checkpoint.path} at step {control.step}")
+            log.say(f"resumed from {self.start.path} at step {control.step}")
         log.say(self.describe())
         step, merges = control.step, control.merges
-        rejected, totals = state.get("rejected_heads", 0), dict.fromkeys(PHASES, 0.0)
-        rounds_timed, last_eval, wall0 = 0, {}, time.perf_counter()
+        earlier = state.get("totals", {"wall_s": 0.0, "attempts": 0, "rounds_timed": 0, **dict.fromkeys(PHASES, 0.0)})
+        rejected, totals = state.get("rejected_heads", 0), dict(earlier)
+        last_eval, wall0 = state.get("last_eval", {}), time.perf_counter()
         round_end = wall0
+
+        def collect(what: str):
+            """The workers' state for a checkpoint, and the byte counters just before it was sent."""
+            snapshot = ex.snapshot()  # taken before the state upload, as the workers take theirs
+            return snapshot, ex.gather(None, proto.state.nbytes, what, checkpoint=True)
+
+        def write(snapshot, states, **extra) -> None:
+            running = {**totals, "wall_s": earlier["wall_s"] + time.perf_counter() - wall0,
+                       "attempts": earlier["attempts"] + 1}
+            self.rundir.save_checkpoint({
+                "master": self.model.state_dict(), "merges": merges, "rejected_heads": rejected,
+                "rng": torch.get_rng_state(), "comm": snapshot, "totals": running, "last_eval": last_eval,
+                "workers": [{n: t.clone() for n, t in proto.state.unpack(b).items()} for b in states], **extra}, step)
+
         while step < steps:
             round_steps = min(T, steps - step)
             if cfg.dist.sync_phases:  # wait out the workers' compute so upload_s is the transfer alone
@@ -128,14 +155,8 @@ class ParameterServer:
                      "download_s": t3 - t2}
             for name in PHASES:
                 totals[name] += times[name]
-            rounds_timed += 1
+            totals["rounds_timed"] += 1
 
-            if cfg.checkpoint.every and merges % cfg.checkpoint.every == 0:
-                states = ex.gather(None, proto.state.nbytes, f"the checkpoint upload of round {merges}")
-                self.checkpoint.save({
-                    "master": self.model.state_dict(), "step": step, "merges": merges, "rejected_heads": rejected,
-                    "rng": torch.get_rng_state(),
-                    "workers": [{n: t.clone() for n, t in proto.state.unpack(b).items()} for b in states]})
             row = {"loss": stats[:, 0].mean().item(), "merges": merges, "rejected_heads": rejected,
                    "samples_per_s": round_steps * batch / max(t3 - round_end, 1e-9),
                    **{f"round_{n}": v for n, v in times.items()}}
@@ -144,6 +165,8 @@ class ParameterServer:
                 last_eval = evaluate(self.model, self.eval_set, self.data.task, self.env.device,
                                      cfg.train.precision)
                 row.update({f"eval_{n}": v for n, v in last_eval.items()})
+            if cfg.checkpoint.every and merges % cfg.checkpoint.every == 0 and step < steps:
+                write(*collect(f"the checkpoint upload of round {merges}"))  # the last step's comes below
             if evaluated or step // cfg.train.log_every != (step - round_steps) // cfg.train.log_every:
                 log.log(step, row)
                 log.say(progress_line(step, steps, row))
@@ -151,27 +174,29 @@ class ParameterServer:
 
         expected = proto.base_digest(proto.download.unpack(last_download))
         digests = [int(DIGEST.unpack(b)["digest"][0]) for b in ex.gather(None, DIGEST.nbytes, "the final base check")]
+        final_state = collect("the final checkpoint upload")
         mismatched = [w + 1 for w, d in enumerate(digests) if d != expected]
         if mismatched:
             log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
         per_rank = ex.counters()
-        wall = time.perf_counter() - wall0
+        wall = earlier["wall_s"] + time.perf_counter() - wall0
         workers = [r for r in per_rank if r["rank"] != 0]
         summary = {
             "mode": "ps", "steps": step, "samples_seen": step * batch, "merges": merges, "eval": last_eval,
-            "wall_s": wall, "samples_per_s": (step - control.step) * batch / max(wall, 1e-9),
+            "wall_s": wall, "samples_per_s": step * batch / max(wall, 1e-9), "attempts": earlier["attempts"] + 1,
             **peak_memory(self.env.device), "device": str(self.env.device), "heads": cfg.lte.heads,
             "workers": self.workers, "worker_heads": k, "base_dtype": cfg.worker.base_dtype,
             "rejected_heads": rejected, "base_check": "mismatch" if mismatched else "match",
-            "round_time": {n: totals[n] / max(rounds_timed, 1) for n in PHASES},
+            "round_time": {n: totals[n] / max(totals["rounds_timed"], 1) for n in PHASES},
             "comm": {"per_rank": per_rank,
                      "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in workers)
-                     / len(workers) / max(step - control.step, 1),
+                     / len(workers) / max(step, 1),
                      "upload_bytes_per_round": proto.upload.nbytes, "download_bytes_per_round": proto.download.nbytes,
                      # per step once started: without the start-up handshake and first base download
                      "steady_bytes_per_step_per_worker": (proto.upload.nbytes + proto.download.nbytes) / T},
         }
-        torch.save({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.out_dir / "final.pt")
+        self.rundir.write_results(summary, {n: t.detach().clone() for n, t in self.model.state_dict().items()})
+        write(*final_state, finished=True, summary=summary)
         log.finish(summary)
         log.say(f"summary: eval {last_eval}, {merges} merges, {rejected} rejected heads, "
                 f"{summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
@@ -184,4 +209,3 @@ class ParameterServer:
                 f"{cfg.worker.base_dtype}, merge every {cfg.lte.merge_every} steps; {cfg.model.name} on "
                 f"{cfg.data.name}, batch {cfg.train.batch_size}, {cfg.train.steps} steps; upload "
                 f"{self.proto.upload.nbytes:,} B and download {self.proto.download.nbytes:,} B per worker per round")
-

@@ -10,14 +10,13 @@ import time
 
 import torch
 
-from .. import core
+from .. import core, faults
 from ..core.merge import key
 from ..data import build_data
 from ..errors import UserError
 from ..memory import check_runs_on, get_format
 from ..train.config import Config
 from ..train.trainer import Engine
-from . import faults
 from .comm import Exchange
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
@@ -84,7 +83,9 @@ class Worker:
             tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
             tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
         tensors["rng"] = torch.get_rng_state()
-        self.exchange.gather(self.proto.state.pack(tensors), self.proto.state.nbytes, "the checkpoint upload")
+        tensors["comm"] = self.exchange.snapshot()
+        self.exchange.gather(self.proto.state.pack(tensors), self.proto.state.nbytes, "the checkpoint upload",
+                             checkpoint=True)
 
     @torch.no_grad()
     def load_state(self, buf: torch.Tensor, step: int) -> None:
@@ -92,20 +93,26 @@ class Worker:
         for k, t in self.head_tensors.items():
             t.copy_(views[k])
         opt = self.engine.optimizer
+        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
         for k in self.proto.trained:
             p = self.head_tensors[k]
-            opt.state[p] = {"step": views[f"{k}.step"].clone(), "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
+            opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
+                            "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
                             "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
         torch.set_rng_state(views["rng"].clone())
+        self.exchange.add(views["comm"])
         self.engine.seek(step)
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         cfg, ex = self.cfg, self.exchange
         control = self.hello()
+        if control.finished:
+            return  # the run in out_dir is done; the server says so
         engine = self.engine
         if control.resume:
-            self.load_state(ex.scatter(None, self.proto.state.nbytes, "the checkpoint restore"), control.step)
+            self.load_state(ex.scatter(None, self.proto.state.nbytes, "the checkpoint restore", checkpoint=True),
+                            control.step)
             getattr(engine.model, core.MERGES_KEY).fill_(control.merges)
         self.receive_base("the initial base download")
         if not control.resume:
@@ -128,8 +135,9 @@ class Worker:
             core.finish_merge(engine.model, engine.optimizer)
             if not accepted:
                 core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
-            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
+            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and engine.step < steps:
                 self.upload_state()
         digest = self.proto.base_digest(self.proto.worker_base(engine.model))
         ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+        self.upload_state()  # for the final checkpoint, which a longer run continues from
         ex.counters()

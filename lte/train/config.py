@@ -85,8 +85,9 @@ class EvalCfg:
 
 @dataclass
 class CheckpointCfg:
-    every: int = 0               # rounds between checkpoints in out_dir; 0 = none
-    resume: bool = True          # continue from out_dir's checkpoint when there is one
+    every: int = 0               # rounds between checkpoints in out_dir; 0 = only the final one
+    resume: bool = True          # continue the run in out_dir; false: move it aside and start afresh
+    keep: int = 2                # checkpoints kept; older ones are deleted once a newer one is on disk
 
 
 @dataclass
@@ -250,6 +251,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
     _check(cfg.eval.batches is None or cfg.eval.batches >= 1, "eval.batches", "must be >= 1 or null", cfg.eval.batches)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1", cfg.checkpoint.keep)
     _check(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode",
            "must be offline, online or disabled", cfg.log.wandb_mode)
     _check(lt.heads is not None or cfg.mode == "ps", "lte.heads", "must be set (it may be null only in mode=ps)",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -18,9 +18,9 @@ from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches, build_data
 from ..errors import ConfigError
 from ..models import create_model
-from .checkpoint import Checkpoint
 from .config import Config
 from .log import RunLog, Throughput, peak_memory, progress_line
+from .rundir import RunDir, Start, finished_line, load_model_state
 from .tasks import Metrics, loss as task_loss
 
 
@@ -108,7 +108,8 @@ class Engine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")  # one kernel per step on a GPU
         self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
                                               min_ratio=t.min_lr_ratio)
         self.forward = torch.compile(self.model) if t.compile else self.model
@@ -137,8 +138,8 @@ class Engine:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": torch.get_rng_state()}
 
-    def restore(self, state: dict, checkpoint: Checkpoint) -> None:
-        checkpoint.load_model(self.model, state["model"])
+    def restore(self, state: dict, path=None) -> None:
+        load_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -151,14 +152,13 @@ class Engine:
 
 
 class Trainer:
-    """The loop of one process that trains and also logs: mode=lte, mode=full, and each DDP rank."""
+    """The loop of one process that trains: mode=lte, mode=full, and each DDP rank. The main
+    process (the only one but in DDP, where it is rank 0) also logs, evaluates, checkpoints and
+    writes the results into its run directory."""
 
-    is_main = True  # this process logs, evaluates, checkpoints and writes the summary
-
-    def __init__(self, cfg: Config, engine: Engine | None = None):
-        self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: Config, engine: Engine | None = None, rundir: RunDir | None = None):
+        self.cfg, self.rundir = cfg, rundir
+        self.is_main = rundir is not None
         if engine is None:
             device = resolve_device(cfg.train.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
@@ -171,8 +171,8 @@ class Trainer:
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
         self.eval_set = eval_batches(cfg, self.data, self.device)
-        self.checkpoint = Checkpoint(self.out_dir, cfg)
         self.merges, self.train_s = 0, 0.0
+        self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
         self.last_eval: dict = {}
 
     @property
@@ -188,22 +188,20 @@ class Trainer:
         return {}
 
     # the loop ----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, start: Start) -> dict:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
-        resumed = cfg.checkpoint.resume and self.checkpoint.exists()
-        if resumed:
-            self.restore(self.checkpoint.load())
+        if start.state is not None:
+            self.restore(start.state, start.path)
         log = None
         if self.is_main:
-            log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                         wandb_mode=cfg.log.wandb_mode, resume=resumed)
-            if resumed:
-                self.checkpoint.trim_metrics(self.step)
-                log.say(f"resumed from {self.checkpoint.path} at step {self.step}")
+            log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                         wandb_mode=cfg.log.wandb_mode)
+            if start.state is not None:
+                log.say(f"resumed from {start.path} at step {self.step}")
             log.say(self.describe())
         self.model.train()
         meter, pending = Throughput(self.device), []
-        wall0 = time.perf_counter()
+        self.wall0 = time.perf_counter()
         while self.step < t.steps:
             t0 = time.perf_counter()
             loss = engine.train_step()
@@ -227,26 +225,30 @@ class Trainer:
                     self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
                                               t.precision)
                     row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
-                if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
-                    self.checkpoint.save(self.state())
+                if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and self.step < t.steps:
+                    self.rundir.save_checkpoint(self.state(), self.step)  # the last step's comes below
             if row:
                 log.log(self.step, row)
                 log.say(progress_line(self.step, t.steps, row))
+        extra = self.summary_extra()  # collectives that every rank must join
         if not self.is_main:
-            self.summary_extra()  # collectives that every rank must join
             return {}
         summary = {
             "mode": cfg.mode, "steps": self.step, "samples_seen": self.step * t.batch_size,
-            "merges": self.merges, "eval": self.last_eval, "wall_s": time.perf_counter() - wall0,
-            "train_s": self.train_s, "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
-            **peak_memory(self.device), "device": str(self.device),
+            "merges": self.merges, "eval": self.last_eval, "wall_s": self.wall_s(), "train_s": self.train_s,
+            "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
+            "attempts": self.earlier["attempts"] + 1, **peak_memory(self.device), "device": str(self.device),
             "heads": len(engine.heads) if self.lte else 0,
-            "trainable_params": sum(p.numel() for p in engine.params), **self.summary_extra(),
+            "trainable_params": sum(p.numel() for p in engine.params), **extra,
         }
-        torch.save(engine.final_weights(), self.out_dir / "final.pt")
+        self.rundir.write_results(summary, engine.final_weights())
+        self.rundir.save_checkpoint({**self.state(), "finished": True, "summary": summary}, self.step)
         log.finish(summary)
         log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
         return summary
+
+    def wall_s(self) -> float:
+        return self.earlier["wall_s"] + time.perf_counter() - self.wall0
 
     def describe(self) -> str:
         cfg, engine = self.cfg, self.engine
@@ -258,12 +260,34 @@ class Trainer:
 
     # checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
-        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s}
+        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "wall_s": self.wall_s(),
+                "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval}
 
-    def restore(self, state: dict) -> None:
-        self.engine.restore(state, self.checkpoint)
+    def restore(self, state: dict, path) -> None:
+        self.engine.restore(state, path)
         self.merges, self.train_s = state["merges"], state["train_s"]
+        self.earlier = {"wall_s": state["wall_s"], "attempts": state["attempts"]}
+        self.last_eval = state.get("last_eval", {})
+
+
+def refuse_several_processes(cfg: Config) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"mode={cfg.mode} runs in one process, but this is one of {world} processes started "
+                          "by torchrun or --nproc-per-node; start it without them (mode=ps and mode=ddp use "
+                          "several processes)")
 
 
 def train(cfg: Config) -> dict:
-    return Trainer(cfg).run()
+    """Run mode=lte or mode=full in this process; the run's summary (that of the finished run
+    already in out_dir, if there is one)."""
+    refuse_several_processes(cfg)
+    rundir = RunDir(cfg)
+    try:
+        start = rundir.open(say=RunLog.say)
+        if start.finished is not None:
+            RunLog.say(finished_line(rundir.path, start.finished))
+            return start.finished
+        return Trainer(cfg, rundir=rundir).run(start)
+    finally:
+        rundir.unlock()
