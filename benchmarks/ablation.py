@@ -193,6 +193,7 @@ def pipeline_throughput(args) -> None:
 
     spec = importlib.util.spec_from_file_location("lte_bench_data", Path(__file__).with_name("data.py"))
     bench_data = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench_data  # its generator runs in a process pool, which pickles by module name
     spec.loader.exec_module(bench_data)
     base = Path(args.runs_dir) / ("gpu-dry" if args.dry_run else "gpu")
     if args.dry_run:  # tiny shapes on the CPU: checks the path, measures nothing
@@ -202,7 +203,7 @@ def pipeline_throughput(args) -> None:
                  "train.compile=false", "train.precision=fp32", "train.device=cpu", "eval.batch_size=8"]
     else:
         folder = bench_data.make_folder(base / "images", 100, args.images_per_class, (500, 375))
-        shape = [f"train.steps={args.steps_gpu}", "train.log_every=10", "train.warmup_steps=10"]
+        shape = [f"train.steps={args.steps_gpu}", "train.log_every=5", "train.warmup_steps=5"]
         if args.workers is not None:
             shape.append(f"data.args.workers={args.workers}")
         if args.resized:
@@ -259,7 +260,7 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--reverse", action="store_true",
                         help="run the study's runs last first (a second process on the same --runs-dir shares the work)")
-    parser.add_argument("--steps-gpu", type=int, default=60, help="gpu preset: training steps per mode")
+    parser.add_argument("--steps-gpu", type=int, default=40, help="gpu preset: training steps per mode")
     parser.add_argument("--images-per-class", type=int, default=50, help="gpu preset: generated images per class")
     parser.add_argument("--workers", type=int, default=None, help="gpu preset: DataLoader workers (default: auto)")
     parser.add_argument("--resized", type=int, default=None,

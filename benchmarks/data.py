@@ -35,23 +35,31 @@ from lte.data.imagefolder import imagefolder  # noqa: E402
 from lte.data.resize import resize_folder  # noqa: E402
 
 
-def make_folder(root: Path, classes: int, per_class: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """JPEGs that cost about what photographs cost: smooth random colour fields plus sensor-like noise."""
+def write_class(job: tuple[str, int, int, tuple[int, int], int]) -> None:
+    """One class folder of JPEGs that cost about what photographs cost: smooth random colour fields
+    plus sensor-like noise."""
     from PIL import Image
+
+    folder, c, count, (w, h), seed = job
+    rng = np.random.default_rng([seed, c, count])
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (h // 24 + 1, w // 24 + 1, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img += rng.normal(0, 14, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(Path(folder) / f"{i:05d}.JPEG", quality=90)
+
+
+def make_folder(root: Path, classes: int, per_class: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """A generated image folder (train/ and val/, `classes` classes), written in parallel; kept once done."""
+    from multiprocessing import Pool
 
     if (root / "done").exists():
         return root
-    rng = np.random.default_rng(seed)
-    w, h = size
-    for split, count in (("train", per_class), ("val", max(1, per_class // 8))):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                coarse = rng.integers(0, 256, (h // 24 + 1, w // 24 + 1, 3), dtype=np.uint8)
-                img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
-                img += rng.normal(0, 14, img.shape)
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.JPEG", quality=90)
+    jobs = [(str(root / split / f"n{c:08d}"), c, count, size, seed)
+            for split, count in (("train", per_class), ("val", max(1, per_class // 8))) for c in range(classes)]
+    with Pool() as pool:
+        pool.map(write_class, jobs)
     (root / "done").touch()
     return root
 
