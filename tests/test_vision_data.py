@@ -18,7 +18,7 @@ from lte.data.vision import Normalize, center_box, random_resized_box
 from lte.errors import ConfigError, DataError
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.trainer import Engine, Trainer
+from lte.train.trainer import Engine, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -279,7 +279,7 @@ def test_ps_with_image_files_and_workers_equals_simulated_heads(folder, tmp_path
                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                         timeout=240)
     assert ps.returncode == 0, ps.stdout[-3000:] + ps.stderr[-3000:]
-    Trainer(load_config(DIGITS, image_run(folder, tmp_path / "lte", *common, "mode=lte", **shape))).run()
+    train(load_config(DIGITS, image_run(folder, tmp_path / "lte", *common, "mode=lte", **shape)))
     a = torch.load(tmp_path / "ps" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "lte" / "final.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -294,7 +294,7 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
     def cfg(name):
         return load_config(DIGITS, image_run(folder, tmp_path / name, "train.steps=10", "checkpoint.every=1"))
 
-    Trainer(cfg("whole")).run()
+    train(cfg("whole"))
     real_step = Engine.train_step
 
     def crash_at_13(self):
@@ -304,7 +304,7 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
 
     monkeypatch.setattr(Engine, "train_step", crash_at_13)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(cfg("cut")).run()
+        train(cfg("cut"))
     monkeypatch.setattr(Engine, "train_step", real_step)
     seen = []
     real_get = TrainBatches.get
@@ -314,7 +314,7 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
         return real_get(self, step)
 
     monkeypatch.setattr(TrainBatches, "get", record)
-    summary = Trainer(cfg("cut")).run()
+    summary = train(cfg("cut"))
     assert summary["steps"] == 10 and seen == list(range(5, 10))  # nothing before step 5 is read again
     a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
