@@ -114,8 +114,9 @@ def steps(results: Path, gpus: int) -> list[Step]:
              [PY, "benchmarks/quality.py", "--dry-run", "--out", f"{r}/quality.json"],
              420, "quality.json", needs="benchmarks/quality.py"),
         Step("vision-throughput", "ViT-S/32 ImageNet100-shaped, full vs LTE with the data pipeline",
-             [PY, "benchmarks/ablation.py", "--preset", "gpu", "--out", f"{r}/vision.json"],
-             [PY, "benchmarks/ablation.py", "--dry-run", "--out", f"{r}/vision.json"],
+             [PY, "benchmarks/ablation.py", "--preset", "gpu", "--runs-dir", f"{r}/vision", "--out", f"{r}/vision.json"],
+             [PY, "benchmarks/ablation.py", "--preset", "gpu", "--dry-run", "--runs-dir", f"{r}/vision",
+              "--out", f"{r}/vision.json"],
              300, "vision.json", needs="benchmarks/ablation.py"),
     ]
     return out

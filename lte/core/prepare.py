@@ -54,8 +54,9 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
         if isinstance(module, nn.MultiheadAttention):
             raise ModelError(
                 f"module '{name or type(model).__name__}' is an nn.MultiheadAttention, which uses its "
-                "projection weights directly instead of calling nn.Linear; build the model with "
-                "attention made of nn.Linear layers (timm's ViT does)")
+                "projection weights directly instead of calling nn.Linear; convert it first with "
+                "lte.models.torchvision_vit.linear_attention(model) (same outputs, attention made of "
+                "nn.Linear), or build the model with such attention (timm's ViT has it)")
     _refuse_tied(model)
 
     layers, replicas, to_replicate = [], [], []

@@ -238,9 +238,12 @@ class LocalChunks:
             losses = []
             last = chunk == self.count - 1
             for j in range(steps):
-                if chunk == 0:
-                    batches.append(engine.batches.get(start + j))
-                x, y = batches[j]
+                if chunk == 0:  # the round's batches, kept for the later chunks (in host memory on a GPU)
+                    x, y = engine.batches.get(start + j)
+                    batches.append((_to(x, torch.device("cpu")), _to(y, torch.device("cpu"))) if self.offload
+                                   else (x, y))
+                else:
+                    x, y = batches[j]
                 self._tap = outputs
                 self._input = None if cache is None else cache[j].to(self.device, non_blocking=True)
                 with self.arranged(chunk):  # entered per step: the caller runs its own code between steps

@@ -50,7 +50,7 @@ def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
     """The evaluation set of a run: eval.batches batches of eval.batch_size (all of it if null)."""
     e = cfg.eval
     return EvalBatches(data.eval, e.batch_size, None if e.batches is None else e.batches * e.batch_size,
-                       workers=data.workers, pin_memory=device.type == "cuda")
+                       workers=data.workers, device=device, transform=data.device_transform)
 
 
 @torch.no_grad()
@@ -59,8 +59,7 @@ def evaluate(model: torch.nn.Module, batches: EvalBatches, task: str, device: to
     was_training = model.training
     model.eval()
     metrics = Metrics(task)
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for x, y in batches:  # already on the device
         with autocast(device, precision):
             outputs = model(x)
         metrics.add(outputs, y)
@@ -110,7 +109,8 @@ class Engine:
         self.heads = heads
         self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
                                                             data.sampling),
-                                    steps=cfg.train.steps, workers=data.workers, pin_memory=device.type == "cuda")
+                                    steps=cfg.train.steps, workers=data.workers, device=device,
+                                    transform=data.device_transform)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
@@ -141,7 +141,7 @@ class Engine:
         t = self.cfg.train
         if step is not None:
             self._set_lr(step)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
         loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
                               heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
