@@ -52,6 +52,10 @@ def progress_line(step: int, steps: int, metrics: dict) -> str:
         parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
     if "merges" in metrics:
         parts.append(f"merges {metrics['merges']}")
+    if "chunk_losses" in metrics:  # local chunks: each chunk's loss (per worker rank on a parameter server)
+        losses = metrics["chunk_losses"]
+        groups = losses.items() if isinstance(losses, dict) else [("", losses)]
+        parts += [f"chunk losses{' rank ' + r if r else ''} " + "/".join(f"{v:.4f}" for v in ls) for r, ls in groups]
     for key in ("eval_loss", "eval_accuracy"):
         if key in metrics:
             parts.append(f"{key.replace('_', ' ')} {metrics[key]:.4f}")

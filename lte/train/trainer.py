@@ -2,7 +2,8 @@
 
 One loop serves both modes; they differ only in what is trained (the heads of a prepared model,
 or every parameter of the plain model), how the gradient is clipped (per head, or one norm), and
-what happens at the end of a round of lte.merge_every steps (a merge, or nothing).
+what happens at the end of a round of lte.merge_every steps (a merge, or nothing). A round is
+run by the Engine, step by step, or chunk by chunk with worker.chunks > 1 (lte.train.chunks).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches, build_data
 from ..errors import ConfigError
 from ..models import create_model
-from .config import Config
+from .chunks import LocalChunks
+from .config import Config, WorkerCfg
 from .log import RunLog, Throughput, peak_memory, progress_line
 from .rundir import RunDir, Start, finished_line, load_model_state
 from .tasks import Metrics, loss as task_loss
@@ -91,15 +93,19 @@ class Engine:
     heads:   global indices of the LTE heads this process holds, or None for full-rank training.
     streams: the batch streams this process draws from, per_stream samples each per step; an LTE
              head's stream is its own global index, so a head sees the same batches everywhere.
+    options: the worker.* options of these heads (activations, velora_subtoken, chunks); the base
+             is stored as `base`.
     """
 
     def __init__(self, cfg: Config, data, device: torch.device, *, heads: range | None, streams: range,
-                 per_stream: int, base: str = "fp32"):
+                 per_stream: int, base: str = "fp32", options: WorkerCfg | None = None):
         self.cfg, self.data, self.device = cfg, data, device
         self.model = build_model(cfg, data, device)
+        options = options or WorkerCfg()
         if heads is not None:
             lte_cfg = dataclasses.replace(cfg.lte_config(), heads=len(heads))
-            core.prepare(self.model, lte_cfg, first_head=heads.start, base=base)
+            core.prepare(self.model, lte_cfg, first_head=heads.start, base=base, activations=options.activations,
+                         velora_subtoken=options.velora_subtoken)
         self.heads = heads
         self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
                                                             data.sampling),
@@ -113,25 +119,55 @@ class Engine:
         self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
                                               min_ratio=t.min_lr_ratio)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        self.chunks = (LocalChunks(self.model, options.chunks, self.params, self.optimizer, device)
+                       if options.chunks > 1 else None)
         self.step = 0
 
+    def train_round(self, steps: int):
+        """Train one round of `steps` steps; yields each step's loss as its step completes (with
+        local chunks: the last chunk's steps, every earlier chunk having run its steps by then)."""
+        if self.chunks is None:
+            for _ in range(steps):
+                yield self.train_step()
+        else:
+            yield from self.chunks.round(self, steps)
+
     def train_step(self) -> torch.Tensor:
+        return self.step_on(*self.batches.get(self.step))
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor, step: int | None = None, advance: bool = True) -> torch.Tensor:
+        """One optimizer step on (x, y) at the learning rate of `step` (default: the current step);
+        `advance` moves the step counter and the schedule on (a local chunk before the last does not)."""
         t = self.cfg.train
-        x, y = self.batches.get(self.step)  # on the device
+        if step is not None:
+            self._set_lr(step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
         loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
                               heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
-        self.scheduler.step()
-        self.step += 1
+        if advance:
+            self.scheduler.step()
+            self.step += 1
         return loss
+
+    def _set_lr(self, step: int) -> None:
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
+
+    @contextlib.contextmanager
+    def resident(self):
+        """Everything on the device (evaluation) even if local chunks keep most of it in host memory."""
+        if self.chunks is not None:
+            self.chunks.place(None)
+        yield
 
     def seek(self, step: int) -> None:
         """Continue at `step`: the data streams and the LR schedule are functions of the step alone."""
         self.step = step
         sched = self.scheduler
         sched.last_epoch = step
-        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(step)
+        self._set_lr(step)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def state(self) -> dict:
@@ -166,7 +202,7 @@ class Trainer:
             heads = range(cfg.lte.heads) if lte_mode else None
             streams = heads if lte_mode else range(1)
             engine = Engine(cfg, data, device, heads=heads, streams=streams,
-                            per_stream=cfg.train.batch_size // len(streams))
+                            per_stream=cfg.train.batch_size // len(streams), options=cfg.worker_options())
         self.engine = engine
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
@@ -178,6 +214,12 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.engine.step
+
+    def steps(self):
+        """Every remaining step's loss, round by round (a round ends at a multiple of lte.merge_every)."""
+        T, total = self.cfg.lte.merge_every, self.cfg.train.steps
+        while self.step < total:
+            yield from self.engine.train_round(min(T - self.step % T, total - self.step))
 
     def end_round(self) -> None:
         if self.lte:
@@ -201,10 +243,8 @@ class Trainer:
             log.say(self.describe())
         self.model.train()
         meter, pending = Throughput(self.device), []
-        self.wall0 = time.perf_counter()
-        while self.step < t.steps:
-            t0 = time.perf_counter()
-            loss = engine.train_step()
+        self.wall0 = t0 = time.perf_counter()
+        for loss in self.steps():
             if self.is_main:  # only the logging process keeps the losses it will report
                 pending.append(loss)
                 meter.add(t.batch_size)
@@ -212,9 +252,12 @@ class Trainer:
             if end_of_round:
                 self.end_round()
             self.train_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
             if not self.is_main:
                 continue
             row = {}
+            if end_of_round and engine.chunks is not None:
+                row["chunk_losses"] = engine.chunks.chunk_losses
             if self.step % t.log_every == 0 or self.step == t.steps:
                 row.update(loss=torch.stack(pending).mean().item(), lr=engine.scheduler.get_last_lr()[0],
                            samples_per_s=meter.read(), merges=self.merges)
@@ -222,14 +265,16 @@ class Trainer:
             if end_of_round:
                 rounds = -(-self.step // cfg.lte.merge_every)
                 if self.step == t.steps or (cfg.eval.every and rounds % cfg.eval.every == 0):
-                    self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
-                                              t.precision)
+                    with engine.resident():
+                        self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
+                                                  t.precision)
                     row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
                 if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.rundir.save_checkpoint(self.state(), self.step)  # the last step's comes below
             if row:
                 log.log(self.step, row)
                 log.say(progress_line(self.step, t.steps, row))
+            t0 = time.perf_counter()
         extra = self.summary_extra()  # collectives that every rank must join
         if not self.is_main:
             return {}
@@ -254,6 +299,11 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
+        w = cfg.worker
+        if self.lte and w.activations != "full":
+            what += f", {w.activations}" + (f" (M={w.velora_subtoken})" if w.activations == "velora" else "")
+        if engine.chunks is not None:
+            what += f", {engine.chunks.count} local chunks"
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}, {sum(p.numel() for p in engine.params):,} trainable "
                 f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
