@@ -3,22 +3,12 @@
 The target W* is full rank, so no single rank-4 head can reach it; only merging can. The error is
 that of the merged weight W + (s/N) sum_h B_h A_h (for reset="none": minus the snapshot term).
 """
-import pytest
 import torch
 from torch import nn
 
 import lte
 
 STEPS = 1500
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """32x32 products: threads only add overhead (4.6x slower with 2 threads on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def relative_error_curve(heads, reset, merge_every, steps=STEPS, rank=4, batch_per_head=64):

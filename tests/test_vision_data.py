@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. Two threads on a loaded 2-core host spend most of each op
-    waiting at OpenMP barriers (a 10-step run took 13-30 s instead of ~1.5 s at a load of 7)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def digit_folder(root: Path, classes=4, per_class_train=12, per_class_val=4, size=24) -> Path:
     """scikit-learn's digits as an image folder: 8x8 images upscaled to `size`, as PNG and JPEG."""
     from sklearn.datasets import load_digits

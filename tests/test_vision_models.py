@@ -29,16 +29,6 @@ MODELS = [("vit_small_patch32_224", 22.9e6), ("vit_base_patch32_224", 88.2e6), (
           ("mixer_t32_224", 8.8e6), ("mixer_s32_224", 19.1e6), ("mixer_b32_224", 60.3e6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. Two threads on a loaded 2-core host spend most of each op
-    waiting at OpenMP barriers (a 10-step run took 13-30 s instead of ~1.5 s at a load of 7)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_args(name):
     return TINY["vit" if name.startswith("vit") else "mixer"]
 
