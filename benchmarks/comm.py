@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from lte.models import create_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int, ranks_ddp: int) -> dict:
+def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int, ranks_ddp: int,
+             img_size: int = 224) -> dict:
     """Bytes per worker per step from parameter counts alone (section 4.5 of the paper).
 
     LTE with a parameter server: each round a worker sends its heads' LoRA parameters (fp32) and
@@ -33,7 +35,7 @@ def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int
     parameters in fp32; per step that is divided by T. DDP: every step a ring all-reduce of the
     fp32 gradient sends and receives 2 (W-1)/W M * 4 bytes per rank; with a parameter server it
     would be 2 M * 4 (gradient up, weights down)."""
-    model = create_model(model_name)
+    model = create_model(model_name, img_size=img_size)
     lora = other = linear_weights = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) or is_patch_conv(module):
@@ -53,7 +55,9 @@ def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int
 
 
 def run(mode: str, nproc: int, args, out_dir: Path) -> dict:
-    overrides = [f"mode={mode}", f"model.name={args.model}", "data.name=synthetic", "data.args={img_size: 224}",
+    overrides = [f"mode={mode}", f"model.name={args.model}", "data.name=synthetic",
+                 f"data.args={{img_size: {args.img_size}}}", f"dist.ps_device={args.ps_device}",
+                 f"dist.backend={args.backend}",
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"lte.rank={args.rank}",
                  "lte.alpha=4096", f"lte.merge_every={args.merge_every}", f"lte.heads={args.workers * args.heads}",
                  f"worker.base_dtype={args.base}", "eval.every=0", "eval.batch_size=16", "train.log_every=10",
@@ -77,12 +81,19 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="global batch (bytes moved do not depend on it)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--ps-device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the server keeps the master: cuda (NCCL) needs a GPU per process")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="gloo when several processes share one GPU (NCCL refuses that)")
+    parser.add_argument("--work", default="benchmarks/results/comm-runs", help="out_dir of the two runs")
     parser.add_argument("--out", default="benchmarks/results/comm.json")
     args = parser.parse_args()
-    work = ROOT / "benchmarks" / "results" / "comm-runs"
+    work = Path(args.work).resolve()
+    shutil.rmtree(work, ignore_errors=True)  # fresh runs, not continuations of the last benchmark's
     ps = run("ps", args.workers + 1, args, work / "ps")
     ddp = run("ddp", args.workers, args, work / "ddp")
-    theory = analytic(args.model, args.rank, args.heads, args.merge_every, args.workers)
+    theory = analytic(args.model, args.rank, args.heads, args.merge_every, args.workers, args.img_size)
     report = {"config": vars(args), "analytic": theory,
               "ps": {k: ps[k] for k in ("comm", "round_time", "steps", "merges", "samples_per_s", "device")},
               "ddp": {k: ddp[k] for k in ("comm", "steps", "samples_per_s", "device")},

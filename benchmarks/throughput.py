@@ -45,7 +45,7 @@ def measure(mode: str, args, device: torch.device) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     if device.type == "cuda":
@@ -78,6 +78,8 @@ def main() -> None:
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager traces the same graph without code generation)")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     parser.add_argument("--mode", choices=("full", "lte"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,7 +103,8 @@ def main() -> None:
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     full, lte_ = results
     report = {
-        "benchmark": "throughput", "config": {k: getattr(args, k) for k in preset} | {"device": args.device},
+        "benchmark": "throughput",
+        "config": {k: getattr(args, k) for k in preset} | {"device": args.device, "compile_backend": args.compile_backend},
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "results": results, "lte_over_full_step_time": lte_["step_s_median"] / full["step_s_median"],

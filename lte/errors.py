@@ -15,3 +15,7 @@ class BatchError(UserError, ValueError):
 
 class ModelError(UserError, ValueError):
     """A model cannot be prepared for LTE (no nn.Linear, unsupported module, tied weights...)."""
+
+
+class DataError(UserError, ValueError):
+    """A data file cannot be read (a corrupt image, say); the message names the file."""

@@ -22,25 +22,38 @@ def tiny(name):
     return MlpMixer(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=16, num_blocks=2)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each case compiles new model instances of the same classes: without a reset, dynamo's
+    per-code-object cache (recompile_limit, 8) fills up after eight cases and fullgraph fails."""
+    torch._dynamo.reset()
+    yield
+
+
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("name,reset,other,base", [
-    ("vit", "b", "replica", "fp32"),
-    ("vit", "ab", "replica", "fp32"),
-    ("vit", "none", "replica", "fp32"),
-    ("vit", "b", "frozen", "fp32"),
-    ("vit", "b", "replica", "nf4"),
-    ("mixer", "b", "replica", "fp32"),
-    ("mixer", "ab", "replica", "fp32"),
-    ("mixer", "none", "replica", "fp32"),
-    ("gpt", "b", "replica", "fp32"),
-    ("gpt", "none", "replica", "nf4"),
+@pytest.mark.parametrize("name,reset,other,base,activations", [
+    ("vit", "b", "replica", "fp32", "full"),
+    ("vit", "ab", "replica", "fp32", "full"),
+    ("vit", "none", "replica", "fp32", "full"),
+    ("vit", "b", "frozen", "fp32", "full"),
+    ("vit", "b", "replica", "nf4", "full"),
+    ("mixer", "b", "replica", "fp32", "full"),
+    ("mixer", "ab", "replica", "fp32", "full"),
+    ("mixer", "none", "replica", "fp32", "full"),
+    ("vit", "ab", "replica", "nf4", "velora"),
+    ("mixer", "b", "replica", "bf16", "lora_fa"),  # a bf16 base with fp32 inputs takes the decoded path
+    ("gpt", "b", "replica", "fp32", "full"),
+    ("gpt", "none", "replica", "nf4", "full"),
+    ("gpt", "ab", "replica", "fp32", "velora"),
+    ("gpt", "b", "replica", "fp32", "lora_fa"),
 ])
-def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, other, base):
+def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, other, base, activations):
     cfg = lte.LTEConfig(heads=4, rank=2, alpha=4, reset=reset, other_params=other)
-    compiled_model, eager = (lte.prepare(tiny(name), cfg, base=base) for _ in range(2))
+    compiled_model, eager = (lte.prepare(tiny(name), cfg, base=base, activations=activations, velora_subtoken=4)
+                             for _ in range(2))
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(compiled_model, fullgraph=True, backend=counter)  # raises on any graph break
     opts = [torch.optim.AdamW(trainable(m), lr=1e-2) for m in (compiled_model, eager)]

@@ -12,7 +12,7 @@ import lte
 from lte.models import register
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.trainer import Engine, Trainer, train
+from lte.train.trainer import Engine, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -56,11 +56,9 @@ def test_full_mode_trains_every_parameter(tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
-    whole = Trainer(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5"))
-    whole.run()
+    train(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5"))
 
     cfg = quick(tmp_path / "cut", "checkpoint.every=1", "lte.merge_every=5")
-    first = Trainer(cfg)
     real_step = Engine.train_step
 
     def crash_at_13(self):
@@ -70,10 +68,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 
     monkeypatch.setattr(Engine, "train_step", crash_at_13)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        first.run()
+        train(cfg)
     monkeypatch.setattr(Engine, "train_step", real_step)
-    second = Trainer(cfg)
-    summary = second.run()  # resumes from the checkpoint at step 10
+    summary = train(cfg)  # resumes from the checkpoint at step 10
     assert summary["steps"] == 20 and summary["merges"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
@@ -89,7 +86,7 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     code = main(["--config", DIGITS, f"out_dir={tmp_path}", "model.args={embed_dim: 32, depth: 1, num_heads: 2}",
                  "train.steps=20"])
     err = capsys.readouterr().err
-    assert code == 2 and "different run" in err and "model.args" in err and "Traceback" not in err
+    assert code == 2 and "another configuration" in err and "model.args" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -4,9 +4,11 @@ from .linear import LTELinear, LTEPatchConv
 from .merge import MergeSpec, lora_delta, merge_into
 from .optim import clip_grad_norm_per_head_, cosine_schedule, head_grad_norms
 from .prepare import (MERGES_KEY, clear_optimizer_state, export, finish_merge, head_state, load_merged,
-                      lte_layers, master_state, merge, plan, prepare, reset_heads, restart_heads, state_of)
+                      lte_layers, master_state, merge, plan, prepare, reset_heads, restart_heads, state_of,
+                      trained_keys, velora_vectors)
 
 __all__ = ["LTEConfig", "LTELinear", "LTEPatchConv", "MergeSpec", "lora_delta", "merge_into",
            "clip_grad_norm_per_head_", "cosine_schedule", "head_grad_norms", "MERGES_KEY",
            "clear_optimizer_state", "export", "finish_merge", "head_state", "load_merged", "lte_layers",
-           "master_state", "merge", "plan", "prepare", "reset_heads", "restart_heads", "state_of"]
+           "master_state", "merge", "plan", "prepare", "reset_heads", "restart_heads", "state_of", "trained_keys",
+           "velora_vectors"]

@@ -9,7 +9,8 @@ In eval the layer is the merged linear alone: x W^T + b, for any batch size.
 
 The base weight is stored in a format from lte.memory (fp32 by default; bf16 or a bitsandbytes
 quantization on a parameter-server worker). Its main tensor keeps the name `weight`; a quantized
-format adds scale tensors named weight_<part>.
+format adds scale tensors named weight_<part>. What the heads keep for backward is an activation
+option from lte.memory.activations (full, lora_fa: A frozen, velora: compressed input).
 """
 from __future__ import annotations
 
@@ -18,17 +19,21 @@ from torch import nn
 
 from ..errors import BatchError
 from ..memory import BaseFormat, get_format
+from ..memory.base_formats import no_autocast
+from ..memory.activations import head_product, init_subtoken_vectors
 
 
 class LTELinear(nn.Module):
     """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
-                 scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None):
+                 scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None,
+                 activations: str = "full", velora_subtoken: int | None = None):
         super().__init__()
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.heads, self.rank, self.scale = heads, rank, scale
+        self.activations = activations
         self.base = base or get_format("fp32")
         self._parts = tuple(self.base.layout((out_features, in_features)))  # read on every forward
         for part, tensor in self.base.encode(weight.detach().float()).items():
@@ -38,6 +43,11 @@ class LTELinear(nn.Module):
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, device=device))
+        if activations == "lora_fa":
+            self.lora_A.requires_grad_(False)
+        # VeLoRA's sub-token vector per head; all zero until the head's first training slice sets it.
+        self.register_buffer("velora_v", torch.zeros(heads, velora_subtoken, device=device)
+                             if activations == "velora" else None)
         self.bias_heads = None
         if bias is not None and train_bias:
             self.bias_heads = nn.Parameter(bias.detach().expand(heads, out_features).clone())
@@ -86,16 +96,21 @@ class LTELinear(nn.Module):
         frozen_bias = self.bias if self.bias_heads is None else None
         y = self.base.linear(x, self.payload(), self.shape, frozen_bias)
         A, B = self.factors()
-        xa = torch.bmm(x.reshape(n, -1, self.in_features), A.transpose(1, 2).to(x.dtype))
-        yh = torch.baddbmm(y.view(n, -1, self.out_features), xa, B.transpose(1, 2).to(xa.dtype),
-                           alpha=self.scale)
+        x3 = x.reshape(n, -1, self.in_features)
+        v = self.velora_v
+        if v is not None and A.requires_grad:
+            init_subtoken_vectors(v, x3)
+        dtype = y.dtype  # the base product's compute dtype (bf16 under autocast)
+        with no_autocast(x):
+            yh = head_product(y.view(n, -1, self.out_features), x3.to(dtype), A.to(dtype), B.to(dtype),
+                              self.scale, v)
         if self.bias_heads is not None:
             yh = yh + self.bias_heads.unsqueeze(1).to(yh.dtype)
         return yh.view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"heads={self.heads}, rank={self.rank}, scale={self.scale:g}")
+                f"heads={self.heads}, rank={self.rank}, scale={self.scale:g}, activations={self.activations}")
 
 
 class LTEPatchConv(LTELinear):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..memory import BaseFormat, get_format
+from ..memory.activations import DEFAULT_VELORA_SUBTOKEN, check_activations, check_subtoken
 from .config import LTEConfig
 from .init import init_lora_A
 from .linear import LTELinear, LTEPatchConv, is_patch_conv
@@ -34,6 +35,13 @@ class LTEState:
     spec: MergeSpec
     first_head: int
     base: BaseFormat
+    activations: str = "full"           # lte.memory.activations: full | lora_fa | velora
+    velora_subtoken: int | None = None  # VeLoRA's M
+
+    @property
+    def frozen_A(self) -> bool:
+        """LoRA-FA: A is not trained, and is re-drawn at every merge."""
+        return self.activations == "lora_fa"
 
 
 def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, str]]]:
@@ -46,8 +54,9 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
         if isinstance(module, nn.MultiheadAttention):
             raise ModelError(
                 f"module '{name or type(model).__name__}' is an nn.MultiheadAttention, which uses its "
-                "projection weights directly instead of calling nn.Linear; build the model with "
-                "attention made of nn.Linear layers (timm's ViT does)")
+                "projection weights directly instead of calling nn.Linear; convert it first with "
+                "lte.models.torchvision_vit.linear_attention(model) (same outputs, attention made of "
+                "nn.Linear), or build the model with such attention (timm's ViT has it)")
     _refuse_tied(model)
 
     layers, replicas, to_replicate = [], [], []
@@ -69,22 +78,33 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
     return spec, to_replicate
 
 
-def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str = "fp32") -> nn.Module:
+def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str = "fp32",
+            activations: str = "full", velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN) -> nn.Module:
     """Turn `model` into `cfg.heads` LoRA heads, in place, and return it.
 
     first_head is the global index of this model's first head (non-zero on a worker that holds
     heads k..k+n-1 of a larger run); it only seeds the heads' initialisation. `base` is how the
     frozen base weights are stored (lte.memory formats); a model whose base is not fp32 cannot
-    merge by itself and receives its merged base from a parameter server.
+    merge by itself and receives its merged base from a parameter server. `activations` is what
+    the heads keep for backward (lte.memory.activations): "full", "lora_fa" (A frozen and re-drawn
+    at every merge) or "velora" (the input kept as sub-tokens of `velora_subtoken` values projected
+    on one vector; every LTE layer's input width must be a multiple of it).
     """
     if not isinstance(cfg, LTEConfig):
         raise TypeError(f"cfg must be an lte.LTEConfig, got {type(cfg).__name__}")
     if hasattr(model, "_lte"):
         raise ModelError("model is already prepared for LTE")
+    check_activations(activations, cfg.reset)
     spec, to_replicate = plan(model, cfg)
     base_format = get_format(base)
+    if activations == "velora":
+        check_subtoken(velora_subtoken)
+        _check_subtoken_divides(model, spec, velora_subtoken)
+    else:
+        velora_subtoken = None
     layer_kw = dict(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, base=base_format,
-                    train_bias=cfg.other_params == "replica", resetless=cfg.reset == "none")
+                    train_bias=cfg.other_params == "replica", resetless=cfg.reset == "none",
+                    activations=activations, velora_subtoken=velora_subtoken)
 
     root = model
     for path in spec.layers:
@@ -116,7 +136,7 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str 
 
     split_batches(root, cfg.heads, loose)
     root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
-    root._lte = LTEState(cfg, spec, first_head, base_format)
+    root._lte = LTEState(cfg, spec, first_head, base_format, activations, velora_subtoken)
     if cfg.other_params == "frozen":
         trained = {id(t) for t in head_state(root).values()}
         for param in root.parameters():
@@ -134,6 +154,21 @@ def state_of(model: nn.Module) -> LTEState:
 
 def lte_layers(model: nn.Module) -> list[tuple[str, LTELinear]]:
     return [(path, model.get_submodule(path)) for path in state_of(model).spec.layers]
+
+
+def trained_keys(model: nn.Module) -> list[str]:
+    """The per-head tensors an optimizer trains (without A under LoRA-FA)."""
+    keys = state_of(model).spec.trained_keys()
+    return [k for k in keys if not k.endswith("lora_A")] if state_of(model).frozen_A else keys
+
+
+VELORA_KEY = "velora_v"
+
+
+def velora_vectors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LTE layer's VeLoRA sub-token vectors (heads x M), by state_dict key; empty unless velora."""
+    return {_join(path, VELORA_KEY): layer.velora_v for path, layer in lte_layers(model)
+            if layer.velora_v is not None}
 
 
 def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -179,7 +214,7 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
     cfg = state.cfg
     draw = int(getattr(model, MERGES_KEY))
     idx = slice(None) if heads is None else torch.tensor(heads, dtype=torch.long)
-    redraw = cfg.reset == "ab" if redraw is None else redraw
+    redraw = (cfg.reset == "ab" or state.frozen_A) if redraw is None else redraw
     for path, layer in lte_layers(model):
         if cfg.reset == "none" and not redraw:
             layer.lora_A0[idx] = layer.lora_A[idx]
@@ -224,7 +259,7 @@ def restart_heads(model: nn.Module, heads: list[int], optimizer: torch.optim.Opt
     reset_heads(model, heads=heads, redraw=True)
     if optimizer is not None:
         stacks = head_state(model)
-        clear_optimizer_state(optimizer, [stacks[k] for k in state_of(model).spec.trained_keys()], heads)
+        clear_optimizer_state(optimizer, [stacks[k] for k in trained_keys(model)], heads)
 
 
 def clear_optimizer_state(optimizer: torch.optim.Optimizer, params, heads: list[int] | None = None) -> None:
@@ -244,7 +279,7 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
     Progress made by the heads since the last merge is not included: merge first.
     """
     state = state_of(model)
-    skip = set(state.spec.head_keys()) | {MERGES_KEY}
+    skip = set(state.spec.head_keys()) | set(velora_vectors(model)) | {MERGES_KEY}
     for path, layer in lte_layers(model):
         skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False) if name.startswith("weight_")}
     out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
@@ -279,3 +314,18 @@ def _check_replicable(model, path, module, pname, param) -> None:
             f"cannot replicate parameter '{name}' per head: it belongs to a module with submodules "
             f"and has shape {tuple(param.shape)} with no leading batch-broadcast dimension of 1; move "
             "it into a leaf module or use LTEConfig(other_params='frozen')")
+
+
+def _check_subtoken_divides(model: nn.Module, spec: MergeSpec, m: int) -> None:
+    widths = {}
+    for path in spec.layers:
+        module = model.get_submodule(path)
+        widths[path] = module.weight[0].numel()  # a linear's in_features; a patch conv's C*kh*kw
+    bad = [p for p, w in widths.items() if w % m]
+    if bad:
+        import math
+
+        common = math.gcd(*widths.values())
+        raise ConfigError(f"velora_subtoken={m} does not divide the input width {widths[bad[0]]} of LTE layer "
+                          f"'{bad[0] or type(model).__name__}' (VeLoRA cuts each input token into sub-tokens of "
+                          f"M values); every LTE layer's width is a multiple of {common}: pick an M that divides it")

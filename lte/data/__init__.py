@@ -8,14 +8,17 @@ from ..errors import ConfigError
 from ..imports import is_import_path, load_callable
 from .base import SAMPLINGS, TASKS, ArrayDataset, DataBundle, MapDataset, as_dataset
 from .digits import digits
+from .imagefolder import imagefolder
 from .loader import EvalBatches, TrainBatches
 from .streams import HeadBatches, IndexStream
 from .synthetic import synthetic
 from .text import text
 from .tokens import tokens
+from .torchvision_sets import cifar10, cifar100, stl10
 
-DATASETS: dict[str, Callable[..., DataBundle]] = {"digits": digits, "synthetic": synthetic, "text": text,
-                                                  "tokens": tokens}
+DATASETS: dict[str, Callable[..., DataBundle]] = {
+    "digits": digits, "synthetic": synthetic, "imagefolder": imagefolder,
+    "cifar10": cifar10, "cifar100": cifar100, "stl10": stl10, "text": text, "tokens": tokens}
 
 
 def register_data(fn: Callable[..., DataBundle], name: str | None = None) -> Callable[..., DataBundle]:

@@ -15,11 +15,15 @@ A data set is a `DataBundle`:
                 of a token file, too many to shuffle).
   workers       0: batches are gathered in the training process; N: in N DataLoader worker
                 processes with pinned memory and prefetch (the sets must then be picklable).
+  device_transform  None, or a function applied to each batch's inputs once they are on the
+                device (e.g. uint8 images -> normalized floats, which keeps the host side and
+                the copy 4x smaller); it runs in the training process, in every mode.
   tokenizer     language models: what turns text into the data's token ids and back, an object
                 with encode(str) -> list[int] and decode(ids) -> str (lte.sample uses it); or None.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +81,7 @@ class DataBundle:
     model_args: dict = field(default_factory=dict)
     sampling: str = "epoch"
     workers: int = 0
+    device_transform: Callable | None = None
     tokenizer: object = None
 
     def __post_init__(self):
@@ -88,6 +93,8 @@ class DataBundle:
             raise ValueError(f"DataBundle.sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"DataBundle.workers must be an integer >= 0, got {self.workers!r}")
+        if self.device_transform is not None and not callable(self.device_transform):
+            raise ValueError(f"DataBundle.device_transform must be callable, got {type(self.device_transform).__name__}")
         if len(self.train) < 1:
             raise ValueError("the training set is empty")
         if len(self.eval) < 1:

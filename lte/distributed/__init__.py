@@ -27,9 +27,9 @@ def run_distributed(cfg: Config) -> dict | None:
 
 def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
     if cfg.mode == "ddp":
-        from .ddp import DDPTrainer
+        from .ddp import run_ddp
 
-        return DDPTrainer(cfg, env, exchange).run() or None
+        return run_ddp(cfg, env, exchange)
     cfg = resolve_heads(cfg, env.world - 1)
     if env.rank == 0:
         from .server import ParameterServer

@@ -1,11 +1,15 @@
 """Counted collectives between the parameter server (rank 0) and the workers, and byte packing.
 
 Every message is one flat uint8 buffer packed from named tensors of mixed dtypes (a Layout that
-both sides derive from the model, so nothing but the bytes travels). Byte counts are the logical
+both sides derive from the model, so nothing but the bytes travel). Byte counts are the logical
 point-to-point payload: a worker's upload counts once as sent by the worker and once as received
 by the server; a broadcast counts (workers x size) as sent by the server and once as received by
-each worker. Barriers and the end-of-run exchange of the counters themselves move no payload and
-are not counted.
+each worker. Training traffic and checkpoint traffic (the workers' state going to the server's
+checkpoint, and back on a restart) are counted apart, so the training figures do not depend on
+how often a run checkpoints. Barriers and the end-of-run exchange of the counters themselves move
+no payload and are not counted. Messages whose size differs between workers (workers with
+different options) go point to point; a broadcast to the workers of one base format runs over
+their own group.
 """
 from __future__ import annotations
 
@@ -63,57 +67,113 @@ class Exchange:
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
         self.rank, self.world, self.device = rank, world, device
         self.timeout = timedelta(seconds=timeout_s)
-        self.sent = self.received = 0
+        self.sent = self.received = 0              # training traffic
+        self.ckpt_sent = self.ckpt_received = 0    # checkpoint traffic
         self._dummy: dict[int, torch.Tensor] = {}
 
     @property
     def workers(self) -> int:
         return self.world - 1
 
-    def gather(self, buf: torch.Tensor | None, nbytes: int, what: str) -> list[torch.Tensor] | None:
-        """Workers send `buf` (nbytes) to the server; the server gets one buffer per worker."""
+    def _sizes(self, nbytes: int | list[int]) -> list[int]:
+        return list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * self.workers
+
+    def gather(self, buf: torch.Tensor | None, nbytes: int | list[int], what: str, checkpoint: bool = False
+               ) -> list[torch.Tensor] | None:
+        """Workers send `buf` to the server; the server gets one buffer per worker. nbytes: the
+        size of every worker's message, or a list of them by worker (the same list on every rank)."""
+        sizes = self._sizes(nbytes)
+        uniform = len(set(sizes)) == 1
         if self.rank == 0:
-            out = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
-            self._run(lambda: dist.gather(self._placeholder(nbytes), out, dst=0), what)
-            self.received += nbytes * self.workers
-            return out[1:]
-        self._run(lambda: dist.gather(buf.to(self.device), None, dst=0), what)
-        self.sent += nbytes
+            if uniform:
+                out = [torch.empty(sizes[0], dtype=torch.uint8, device=self.device) for _ in range(self.world)]
+                self._run(lambda: dist.gather(self._placeholder(sizes[0]), out, dst=0), what)
+                out = out[1:]
+            else:
+                out = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
+                self._run(lambda: self._wait([dist.irecv(b, src=w + 1) for w, b in enumerate(out)]), what)
+            self._count(0, sum(sizes), checkpoint)
+            return out
+        buf = buf.to(self.device)
+        if uniform:
+            self._run(lambda: dist.gather(buf, None, dst=0), what)
+        else:
+            self._run(lambda: dist.send(buf, dst=0), what)
+        self._count(buf.numel(), 0, checkpoint)
         return None
 
-    def broadcast(self, buf: torch.Tensor, what: str) -> torch.Tensor:
-        """The server's `buf` to every worker (workers pass a buffer of the same size to fill)."""
+    def broadcast(self, buf: torch.Tensor, what: str, group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
+        """The server's `buf` to every worker, or to the workers of `group` (a group of the server and
+        some workers); receivers pass a buffer of the same size to fill."""
         buf = buf.to(self.device)
-        self._run(lambda: dist.broadcast(buf, src=0), what)
+        self._run(lambda: dist.broadcast(buf, src=0, group=group), what)
         if self.rank == 0:
-            self.sent += buf.numel() * self.workers
+            self.sent += buf.numel() * (self.workers if group is None else dist.get_world_size(group) - 1)
         else:
             self.received += buf.numel()
         return buf
 
-    def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int, what: str) -> torch.Tensor | None:
-        """The server sends bufs[w] to worker w+1."""
-        out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+    def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int | list[int], what: str, checkpoint: bool = False
+                ) -> torch.Tensor | None:
+        """The server sends bufs[w] to worker w+1 (nbytes as for gather)."""
+        sizes = self._sizes(nbytes)
+        uniform = len(set(sizes)) == 1
         if self.rank == 0:
-            self._run(lambda: dist.scatter(out, [self._placeholder(nbytes)] + [b.to(self.device) for b in bufs],
-                                           src=0), what)
-            self.sent += nbytes * self.workers
+            if uniform:
+                out = torch.empty(sizes[0], dtype=torch.uint8, device=self.device)
+                self._run(lambda: dist.scatter(out, [self._placeholder(sizes[0])] + [b.to(self.device) for b in bufs],
+                                               src=0), what)
+            else:
+                self._run(lambda: self._wait([dist.isend(b.to(self.device), dst=w + 1) for w, b in enumerate(bufs)]),
+                          what)
+            self._count(sum(sizes), 0, checkpoint)
             return None
-        self._run(lambda: dist.scatter(out, None, src=0), what)
-        self.received += nbytes
+        out = torch.empty(sizes[self.rank - 1], dtype=torch.uint8, device=self.device)
+        if uniform:
+            self._run(lambda: dist.scatter(out, None, src=0), what)
+        else:
+            self._run(lambda: dist.recv(out, src=0), what)
+        self._count(0, out.numel(), checkpoint)
         return out
+
+    def groups(self, members: list[list[int]]) -> list["dist.ProcessGroup"]:
+        """A process group of the server and each list of worker ranks; every rank must call this
+        with the same lists, in the same order (torch.distributed.new_group's rule)."""
+        return [dist.new_group(ranks=[0, *m], timeout=self.timeout) for m in members]
+
+    def _wait(self, works) -> None:
+        for work in works:
+            work.wait(self.timeout)
 
     def barrier(self, what: str) -> None:
         self._run(lambda: dist.barrier(), what)
 
+    def snapshot(self) -> torch.Tensor:
+        """This rank's four counters, for a checkpoint."""
+        return torch.tensor([self.sent, self.received, self.ckpt_sent, self.ckpt_received], dtype=torch.int64)
+
+    def add(self, snapshot: torch.Tensor) -> None:
+        """Add the counters of earlier attempts (a checkpoint's snapshot) to this attempt's."""
+        sent, received, ckpt_sent, ckpt_received = (int(v) for v in snapshot)
+        self.sent, self.received = self.sent + sent, self.received + received
+        self.ckpt_sent, self.ckpt_received = self.ckpt_sent + ckpt_sent, self.ckpt_received + ckpt_received
+
     def counters(self) -> list[dict] | None:
-        """Every rank's (sent, received), collected on the server at the end (not counted)."""
-        mine = torch.tensor([self.sent, self.received], dtype=torch.int64, device=self.device)
+        """Every rank's counters, collected on the server at the end (not counted)."""
+        mine = self.snapshot().to(self.device)
         out = [torch.zeros_like(mine) for _ in range(self.world)] if self.rank == 0 else None
         self._run(lambda: dist.gather(mine, out, dst=0), "the final byte count")
         if self.rank != 0:
             return None
-        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1])} for r, t in enumerate(out)]
+        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1]),
+                 "checkpoint_bytes_sent": int(t[2]), "checkpoint_bytes_received": int(t[3])}
+                for r, t in enumerate(out)]
+
+    def _count(self, sent: int, received: int, checkpoint: bool) -> None:
+        if checkpoint:
+            self.ckpt_sent, self.ckpt_received = self.ckpt_sent + sent, self.ckpt_received + received
+        else:
+            self.sent, self.received = self.sent + sent, self.received + received
 
     def _placeholder(self, nbytes: int) -> torch.Tensor:
         if nbytes not in self._dummy:

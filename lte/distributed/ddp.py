@@ -4,13 +4,18 @@ communication hook: a ring all-reduce of n bytes over W ranks sends and receives
 per rank."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import build_data
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..train.config import Config
+from ..train.log import RunLog
+from ..train.rundir import RunDir, Start, finished_line
 from ..train.trainer import Engine, Trainer
 from .comm import Exchange
 from .env import DistEnv
@@ -25,7 +30,7 @@ def _counting_allreduce(exchange: Exchange, bucket):
 
 
 class DDPTrainer(Trainer):
-    def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
+    def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange, rundir: RunDir | None):
         if cfg.train.batch_size % env.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {env.world} DDP ranks")
         data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
@@ -34,8 +39,16 @@ class DDPTrainer(Trainer):
         ddp = DistributedDataParallel(engine.model, device_ids=[env.device] if env.device.type == "cuda" else None)
         ddp.register_comm_hook(exchange, _counting_allreduce)
         engine.forward = torch.compile(ddp) if cfg.train.compile else ddp
-        super().__init__(cfg, engine)
-        self.exchange, self.is_main = exchange, env.rank == 0
+        super().__init__(cfg, engine, rundir)
+        self.exchange = exchange
+
+    def state(self) -> dict:
+        # Every rank's counters are equal (a ring all-reduce is symmetric), so rank 0's stand for all.
+        return {**super().state(), "comm": self.exchange.snapshot()}
+
+    def restore(self, state: dict, path=None) -> None:
+        super().restore(state, path)
+        self.exchange.add(state["comm"])
 
     def summary_extra(self) -> dict:
         per_rank = self.exchange.counters()
@@ -46,3 +59,35 @@ class DDPTrainer(Trainer):
             "per_rank": per_rank,
             "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in per_rank)
             / len(per_rank) / steps}}
+
+
+def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:
+    """Rank 0 holds the run directory and decides how the run starts; every rank follows. Ranks
+    other than 0 read the checkpoint rank 0 chose, so on several nodes out_dir must be shared."""
+    rundir, decision, error = None, [None], None
+    if env.rank == 0:
+        rundir = RunDir(cfg)
+        try:
+            start = rundir.open(say=RunLog.say)
+            decision = [{"finished": start.finished, "path": None if start.path is None else str(start.path)}]
+        except UserError as exc:
+            error, decision = exc, [{"error": str(exc)}]
+    dist.broadcast_object_list(decision, src=0)  # control, not payload: not counted
+    try:
+        if "error" in decision[0]:
+            if error is not None:
+                raise error
+            raise UserError(f"rank {env.rank}: rank 0 stopped the run (see its error)")
+        if decision[0]["finished"] is not None:
+            if env.rank == 0:
+                RunLog.say(finished_line(rundir.path, decision[0]["finished"]))
+                return decision[0]["finished"]
+            return None
+        if env.rank != 0:
+            path = decision[0]["path"]
+            start = Start() if path is None else Start(torch.load(path, map_location="cpu", weights_only=True),
+                                                       Path(path))
+        return DDPTrainer(cfg, env, exchange, rundir).run(start) or None
+    finally:
+        if rundir is not None:
+            rundir.unlock()

@@ -3,13 +3,16 @@
 Per round (lte.merge_every steps):
   upload    worker -> server  every local head's factors (A, B; the last-merge snapshot for
                               reset="none") and replica copies, fp32, plus round statistics.
-                              Never the dense B A.
-  download  server -> all     the new base in the workers' storage format (packed nf4/fp4 bytes
+                              Never the dense B A. A LoRA-FA worker leaves A out: its A is draw
+                              `merges` of (seed, layer, head), which the server re-draws itself.
+  download  server -> workers the new base in the worker's storage format (packed nf4/fp4 bytes
                               and block scales, int8 and row scales, or bf16/fp32), the merged
-                              replicas, and which workers' heads were accepted.
+                              replicas, and which workers' heads were accepted. Encoded once per
+                              format and sent to the workers that store that format.
 At a checkpoint round the workers also upload their state (heads after the reset, optimizer
-moments, RNG); after a restart the server scatters it back. Both sides build these layouts from
-the same config, so only bytes travel.
+moments, VeLoRA vectors, RNG); after a restart the server scatters it back. Workers may differ
+(worker.per_rank), so there is one Protocol per worker; every process builds all of them from the
+same config (`worker_protocols`), so only bytes travel and everyone knows every message's size.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import math
 
 import torch
 
+from ..core.init import init_lora_A
 from ..core.merge import HEADS_SUFFIX, MergeSpec, key
-from ..memory import BaseFormat
+from ..memory import BaseFormat, get_format
 from .comm import Layout
 
 STATS = ("loss", "compute_s")  # what each worker reports about its round
@@ -42,13 +46,21 @@ def head_shapes(spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], head
 
 
 class Protocol:
+    """The messages of one worker. frozen_A: LoRA-FA (A not uploaded, not trained); velora_subtoken:
+    the worker's VeLoRA M (its sub-token vectors are part of its checkpoint state); chunks: local
+    chunks, whose per-chunk losses ride along with the round statistics."""
+
     def __init__(self, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], *, local_heads: int,
-                 rank: int, fmt: BaseFormat, workers: int, trained: list[str]):
-        self.spec, self.fmt = spec, fmt
+                 rank: int, fmt: BaseFormat, workers: int, trained: list[str], frozen_A: bool = False,
+                 velora_subtoken: int | None = None, chunks: int = 1):
+        self.spec, self.fmt, self.frozen_A, self.chunks = spec, fmt, frozen_A, chunks
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
         self.layer_shapes = {layer: _as_matrix(master_shapes[key(layer, "weight")]) for layer in spec.layers}
-        self.upload = Layout([(k, s, torch.float32) for k, s in self.heads.items()]
-                             + [("stats", (len(STATS),), torch.float64)])
+        self.redrawn = {key(layer, "lora_A"): layer for layer in spec.layers} if frozen_A else {}
+        self.uploaded = [k for k in self.heads if k not in self.redrawn]
+        self.stats_size = len(STATS) + (chunks if chunks > 1 else 0)  # then each chunk's mean loss
+        self.upload = Layout([(k, self.heads[k], torch.float32) for k in self.uploaded]
+                             + [("stats", (self.stats_size,), torch.float64)])
         entries = []
         for layer, shape in self.layer_shapes.items():
             for part, (pshape, dtype) in fmt.layout(shape).items():
@@ -61,10 +73,22 @@ class Protocol:
         for k in trained:
             state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
                       (f"{k}.step", (), torch.float32)]
+        self.velora = ([(key(layer, "velora_v"), (local_heads, velora_subtoken)) for layer in spec.layers]
+                       if velora_subtoken else [])
+        state += [(k, s, torch.float32) for k, s in self.velora]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
+        state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
         self.state = Layout(state)
         self.trained = trained
 
+    def factors(self, upload: dict[str, torch.Tensor], *, seed: int, first_head: int, draw: int) -> dict:
+        """A worker's head tensors as the merge takes them: its upload, plus A re-drawn for LoRA-FA
+        (the A it trained with this round: draw `draw` of every head, as lte.core.reset_heads drew it)."""
+        out = {k: upload[k] for k in self.uploaded}
+        for k, layer in self.redrawn.items():
+            out[k] = torch.empty(self.heads[k])
+            init_lora_A(out[k], layer, seed, first_head, draw=draw)
+        return out
     def encode_base(self, master: dict[str, torch.Tensor], accepted: torch.Tensor) -> torch.Tensor:
         """The download buffer: the base re-quantized from the fp32 master, merged replicas, accepted mask."""
         tensors = {"accepted": accepted.to(torch.int64)}
@@ -107,3 +131,23 @@ def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _payload_key(layer: str, part: str) -> str:
     return key(layer, "weight" + (f"_{part}" if part else ""))
+
+
+def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], workers: int) -> list[Protocol]:
+    """One Protocol per worker (rank w+1 at index w), from its worker.* options."""
+    out = []
+    for w in range(workers):
+        opts = cfg.worker_options(w + 1)
+        frozen_A = opts.activations == "lora_fa"
+        trained = [k for k in spec.trained_keys() if not (frozen_A and k.endswith("lora_A"))]
+        out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
+                            fmt=get_format(opts.base_dtype), workers=workers, trained=trained, frozen_A=frozen_A,
+                            velora_subtoken=opts.velora_subtoken if opts.activations == "velora" else None,
+                            chunks=opts.chunks))
+    return out
+
+
+def format_groups(protos: list[Protocol]) -> tuple[list[str], list[list[int]]]:
+    """The distinct base formats of the workers, and the worker ranks that store each."""
+    names = sorted({p.fmt.name for p in protos})
+    return names, [[w + 1 for w, p in enumerate(protos) if p.fmt.name == name] for name in names]

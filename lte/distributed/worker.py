@@ -1,8 +1,9 @@
-"""A worker of the parameter-server mode: k local heads against a base in worker.base_dtype.
+"""A worker of the parameter-server mode: k local heads against a base in its worker.base_dtype.
 
-It trains its heads for a round of lte.merge_every steps on its own batch streams, uploads the
-factors, and installs what the server sends back: the re-quantized base, the merged replicas
-and, when the server rejected its update, the order to restart its heads.
+It trains its heads for a round of lte.merge_every steps on its own batch streams (step by step,
+or chunk by chunk with worker.chunks > 1), uploads the factors, and installs what the server
+sends back: the re-quantized base, the merged replicas and, when the server rejected its update,
+the order to restart its heads. Its options are worker.* with its worker.per_rank overrides.
 """
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ import time
 
 import torch
 
-from .. import core
+from .. import core, faults
 from ..core.merge import key
 from ..data import build_data
 from ..errors import UserError
 from ..memory import check_runs_on, get_format
 from ..train.config import Config
 from ..train.trainer import Engine
-from . import faults
 from .comm import Exchange
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
-from .protocol import Protocol
+from .protocol import format_groups, worker_protocols
 
 
 def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -37,23 +37,28 @@ class Worker:
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
         self.cfg, self.env, self.exchange = cfg, env, exchange
         self.index = env.rank - 1                         # worker index
+        self.options = cfg.worker_options(env.rank)
         k, n = cfg.worker.heads, cfg.lte.heads
         self.heads = range(self.index * k, (self.index + 1) * k)  # global head indices
         self.error: UserError | None = None
         try:
-            fmt = get_format(cfg.worker.base_dtype)
+            fmt = get_format(self.options.base_dtype)
             check_runs_on(fmt, env.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.engine = Engine(cfg, data, env.device, heads=self.heads, streams=self.heads,
-                                 per_stream=cfg.train.batch_size // n, base=cfg.worker.base_dtype)
+                                 per_stream=cfg.train.batch_size // n, base=self.options.base_dtype,
+                                 options=self.options)
         except UserError as exc:
             self.error = exc
             return
         model = self.engine.model
-        self.head_tensors = core.head_state(model)
-        spec = core.state_of(model).spec
-        self.proto = Protocol(spec, master_shapes(model), local_heads=k, rank=cfg.lte.rank, fmt=fmt,
-                              workers=env.world - 1, trained=spec.trained_keys())
+        # every worker's messages: sizes differ when worker.per_rank mixes options
+        self.protos = worker_protocols(cfg, core.state_of(model).spec, master_shapes(model), env.world - 1)
+        self.proto = self.protos[self.index]
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        # looked up each time: local chunks move buffers between host and device
+        return core.head_state(self.engine.model)
 
     # messages ----------------------------------------------------------------------------
     def hello(self) -> Control:
@@ -65,71 +70,89 @@ class Worker:
             raise self.error
         if control.abort:
             raise UserError(f"worker rank {self.env.rank}: the parameter server stopped the run (see its error)")
+        if not control.finished:  # the server makes the same groups at the same point
+            formats, members = format_groups(self.protos)
+            self.group = None if len(formats) == 1 else \
+                self.exchange.groups(members)[formats.index(self.proto.fmt.name)]
         return control
 
     def receive_base(self, what: str) -> bool:
         """Install the server's base and merged replicas; whether this worker's last upload was accepted."""
-        views = self.proto.download.unpack(self.exchange.broadcast(self.proto.download.empty(), what))
-        core.load_merged(self.engine.model, {path: self.proto.layer_payload(views, path) for path in self.proto.spec.layers},
-                         {name: views[name] for name in self.proto.spec.replicas})
+        proto = self.proto
+        views = proto.download.unpack(self.exchange.broadcast(proto.download.empty(), what, group=self.group))
+        core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
+                         {name: views[name] for name in proto.spec.replicas})
         return bool(views["accepted"][self.index])
 
     def upload_state(self) -> None:
-        opt = self.engine.optimizer
-        tensors = dict(self.head_tensors)
+        opt, heads = self.engine.optimizer, self.head_tensors()
+        tensors = dict(heads)
         for k in self.proto.trained:
-            st = opt.state.get(self.head_tensors[k], {})
-            zeros = torch.zeros_like(self.head_tensors[k])
+            st = opt.state.get(heads[k], {})
+            zeros = torch.zeros_like(heads[k])
             tensors[f"{k}.exp_avg"] = st.get("exp_avg", zeros)
             tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
             tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
+        tensors.update(core.velora_vectors(self.engine.model))
         tensors["rng"] = torch.get_rng_state()
-        self.exchange.gather(self.proto.state.pack(tensors), self.proto.state.nbytes, "the checkpoint upload")
+        tensors["comm"] = self.exchange.snapshot()
+        self.exchange.gather(self.proto.state.pack(tensors), [p.state.nbytes for p in self.protos],
+                             "the checkpoint upload", checkpoint=True)
 
     @torch.no_grad()
     def load_state(self, buf: torch.Tensor, step: int) -> None:
         views = self.proto.state.unpack(buf)
-        for k, t in self.head_tensors.items():
+        heads = self.head_tensors()
+        for k, t in {**heads, **core.velora_vectors(self.engine.model)}.items():
             t.copy_(views[k])
         opt = self.engine.optimizer
+        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
         for k in self.proto.trained:
-            p = self.head_tensors[k]
-            opt.state[p] = {"step": views[f"{k}.step"].clone(), "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
+            p = heads[k]
+            opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
+                            "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
                             "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
         torch.set_rng_state(views["rng"].clone())
+        self.exchange.add(views["comm"])
         self.engine.seek(step)
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        cfg, ex = self.cfg, self.exchange
+        cfg, ex, proto = self.cfg, self.exchange, self.proto
         control = self.hello()
+        if control.finished:
+            return  # the run in out_dir is done; the server says so
         engine = self.engine
         if control.resume:
-            self.load_state(ex.scatter(None, self.proto.state.nbytes, "the checkpoint restore"), control.step)
+            self.load_state(ex.scatter(None, [p.state.nbytes for p in self.protos], "the checkpoint restore",
+                                       checkpoint=True), control.step)
             getattr(engine.model, core.MERGES_KEY).fill_(control.merges)
         self.receive_base("the initial base download")
         if not control.resume:
             core.reset_heads(engine.model)  # replica copies start from the server's values
         engine.model.train()
         steps, rounds = cfg.train.steps, control.merges
+        uploads = [p.upload.nbytes for p in self.protos]
         while engine.step < steps:
             t0 = time.perf_counter()
-            losses = [engine.train_step() for _ in range(min(cfg.lte.merge_every, steps - engine.step))]
+            losses = list(engine.train_round(min(cfg.lte.merge_every, steps - engine.step)))
             loss = torch.stack(losses).mean().item()  # waits for the device
             compute_s = time.perf_counter() - t0
             rounds += 1
             if cfg.dist.sync_phases:
                 ex.barrier("the pre-upload barrier")
-            faults.before_upload(self.env.rank, rounds, self.head_tensors)
-            stats = torch.tensor([loss, compute_s], dtype=torch.float64)
-            ex.gather(self.proto.upload.pack({**self.head_tensors, "stats": stats}), self.proto.upload.nbytes,
-                      f"the upload of round {rounds}")
+            heads = self.head_tensors()
+            faults.before_upload(self.env.rank, rounds, {k: heads[k] for k in proto.uploaded})
+            chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
+            stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
+            ex.gather(proto.upload.pack({**heads, "stats": stats}), uploads, f"the upload of round {rounds}")
             accepted = self.receive_base(f"the download of round {rounds}")
             core.finish_merge(engine.model, engine.optimizer)
             if not accepted:
                 core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
-            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
+            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and engine.step < steps:
                 self.upload_state()
-        digest = self.proto.base_digest(self.proto.worker_base(engine.model))
+        digest = proto.base_digest(proto.worker_base(engine.model))
         ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+        self.upload_state()  # for the final checkpoint, which a longer run continues from
         ex.counters()

@@ -1,4 +1,6 @@
-"""Per-worker memory options. So far: how the frozen base weight is stored (fp32, bf16, nf4, fp4, int8)."""
+"""Per-worker memory options: how the frozen base weight is stored (fp32, bf16, nf4, fp4, int8; base_formats),
+what the heads keep for backward (full, lora_fa, velora; activations), and how to count what autograd keeps
+(accounting). Local-chunk training, a way of running a round, is in lte.train.chunks."""
 from .base_formats import FORMATS, BaseFormat, check_runs_on, get_format
 
 __all__ = ["FORMATS", "BaseFormat", "check_runs_on", "get_format"]

@@ -8,6 +8,7 @@ memory for the base is the payload's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -38,8 +39,8 @@ class BaseFormat(ABC):
 
     def linear(self, x: torch.Tensor, payload: dict[str, torch.Tensor], shape: tuple[int, int],
                bias: torch.Tensor | None) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.get_autocast_dtype(x.device.type) if autocasting(x) else x.dtype
+        with no_autocast(x):
             if x.requires_grad:
                 y = _DecodedLinear.apply(x.to(dtype), self, shape, *[payload[k] for k in sorted(payload)])
             else:
@@ -65,9 +66,11 @@ class Dense(BaseFormat):
 
     def linear(self, x, payload, shape, bias):
         w = payload[""]
-        if torch.is_autocast_enabled(x.device.type) or w.dtype == x.dtype:
-            return F.linear(x, w, bias)
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if w.dtype == x.dtype and not autocasting(x):
+            return F.linear(x, w, bias)  # autograd keeps w itself (the buffer), not x
+        # A cast weight (bf16 base, fp32 input; or autocast) would be a dense copy that F.linear
+        # keeps for backward; the decoded path casts again in backward instead.
+        return super().linear(x, payload, shape, bias)
 
 
 class FourBit(BaseFormat):
@@ -93,6 +96,8 @@ class FourBit(BaseFormat):
     def encode(self, w):
         import bitsandbytes.functional as bnbf
 
+        if w.is_meta:  # shape-only models (memory accounting) hold shape-only payloads
+            return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.layout(tuple(w.shape)).items()}
         packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE_4BIT,
                                            quant_type=self.quant_type)
         return {"": packed, "absmax": state.absmax.float()}
@@ -100,6 +105,8 @@ class FourBit(BaseFormat):
     def decode(self, payload, shape, dtype):
         import bitsandbytes.functional as bnbf
 
+        if payload[""].is_meta:
+            return torch.empty(shape, dtype=dtype, device="meta")
         state = bnbf.QuantState(absmax=payload["absmax"], shape=torch.Size(shape), code=self._code(payload[""].device),
                                 blocksize=BLOCKSIZE_4BIT, quant_type=self.quant_type, dtype=torch.float32)
         return bnbf.dequantize_4bit(payload[""], state).to(dtype)
@@ -116,6 +123,8 @@ class Int8(BaseFormat):
     def encode(self, w):
         import bitsandbytes.functional as bnbf
 
+        if w.is_meta:
+            return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.layout(tuple(w.shape)).items()}
         q, row_absmax, _ = bnbf.int8_vectorwise_quant(w.detach().to(torch.float16).contiguous())
         return {"": q, "scale": row_absmax.float()}
 
@@ -148,6 +157,15 @@ def _decode(fmt, shape, tensors, dtype):
     return fmt.decode(dict(zip(names, tensors)), shape, dtype)
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    # the meta device (shape-only memory accounting) has no autocast
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
+def no_autocast(x: torch.Tensor):
+    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
+
+
 FORMATS = ("fp32", "bf16", "nf4", "fp4", "int8")
 
 
@@ -175,6 +193,9 @@ def check_runs_on(fmt: BaseFormat, device: torch.device) -> None:
         payload = fmt.encode(w)
         x = torch.randn(2, 128, device=device, requires_grad=True)
         fmt.linear(x, payload, (8, 128), None).sum().backward()
+        error = float((fmt.decode(payload, (8, 128), torch.float32) - w).abs().max())  # real values, not shapes
+        if not error <= 0.5 * float(w.abs().max()):
+            raise RuntimeError(f"the decoded weight is off by {error:g}")
     except Exception as exc:  # bitsandbytes raises many kinds of errors for unsupported devices
         raise ConfigError(f"worker.base_dtype={fmt.name} cannot run on {device}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -1,6 +1,7 @@
 """lte-train [--nproc-per-node N] --config configs/X.yaml [dotted.key=value ...]
    lte-train --nproc-per-node N --script my_script.py [ARGS ...]
-   lte-train report RUN_DIR [RUN_DIR ...]"""
+   lte-train report RUN_DIR [RUN_DIR ...]
+   lte-train resize-images SRC DST [--size 256]"""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,8 @@ def parse_args(argv):
         epilog="Examples: lte-train --config configs/digits.yaml mode=full train.steps=500\n"
                "          lte-train --nproc-per-node 3 --config configs/digits.yaml mode=ps\n"
                "          lte-train --nproc-per-node 3 --script my_script.py mode=ps\n"
-               "          lte-train report runs/digits-lte runs/digits-full",
+               "          lte-train report runs/digits-lte runs/digits-full\n"
+               "          lte-train resize-images /data/imagenet /data/imagenet-256 --size 256",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", help="YAML config file (defaults for every key otherwise)")
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report
 
         return report(argv[1:])
+    if argv[:1] == ["resize-images"]:
+        from ..data.resize import main as resize_images
+
+        return resize_images(argv[1:])
     args = parse_args(argv)
     try:
         if args.script is not None:

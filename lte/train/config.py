@@ -18,6 +18,7 @@ import yaml
 from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
 from ..errors import ConfigError
 from ..memory import FORMATS
+from ..memory.activations import DEFAULT_VELORA_SUBTOKEN, check_activations
 
 MODES = ("lte", "full", "ps", "ddp")
 PRECISIONS = ("fp32", "bf16")
@@ -48,9 +49,16 @@ class LTECfg:
 
 
 @dataclass
-class WorkerCfg:                 # mode=ps: what each worker process holds
-    heads: typing.Optional[int] = None  # local heads k; null = lte.heads / workers
-    base_dtype: str = "nf4"      # storage of the frozen base: nf4 | fp4 | int8 (bitsandbytes) | bf16 | fp32
+class WorkerCfg:                 # what each worker process holds (mode=lte: the simulated heads, except base_dtype)
+    heads: typing.Optional[int] = None  # mode=ps: local heads k; null = lte.heads / workers
+    base_dtype: str = "nf4"      # mode=ps: storage of the frozen base: nf4 | fp4 | int8 (bitsandbytes) | bf16 | fp32
+    activations: str = "full"    # what the heads keep for backward: full | lora_fa | velora
+    velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN  # VeLoRA's sub-token size M
+    chunks: int = 1              # local-chunk training: the model's blocks in this many chunks (1 = off)
+    per_rank: dict = field(default_factory=dict)  # mode=ps: {worker rank: {key: value}} overrides of the keys above
+
+
+PER_RANK_KEYS = ("base_dtype", "activations", "velora_subtoken", "chunks")
 
 
 @dataclass
@@ -85,8 +93,9 @@ class EvalCfg:
 
 @dataclass
 class CheckpointCfg:
-    every: int = 0               # rounds between checkpoints in out_dir; 0 = none
-    resume: bool = True          # continue from out_dir's checkpoint when there is one
+    every: int = 0               # rounds between checkpoints in out_dir; 0 = only the final one
+    resume: bool = True          # continue the run in out_dir; false: move it aside and start afresh
+    keep: int = 2                # checkpoints kept; older ones are deleted once a newer one is on disk
 
 
 @dataclass
@@ -117,6 +126,13 @@ class Config:
                              reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
+
+    def worker_options(self, rank: int | None = None) -> WorkerCfg:
+        """worker.* for one worker: its worker.per_rank overrides applied (rank None: worker.* itself)."""
+        if rank is None:
+            return self.worker
+        overrides = {str(k).strip(): v for k, v in self.worker.per_rank.items()}.get(str(rank), {})
+        return dataclasses.replace(self.worker, per_rank={}, **overrides)
 
     @property
     def head_lr(self) -> float:
@@ -250,6 +266,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
     _check(cfg.eval.batches is None or cfg.eval.batches >= 1, "eval.batches", "must be >= 1 or null", cfg.eval.batches)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1", cfg.checkpoint.keep)
     _check(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode",
            "must be offline, online or disabled", cfg.log.wandb_mode)
     _check(lt.heads is not None or cfg.mode == "ps", "lte.heads", "must be set (it may be null only in mode=ps)",
@@ -257,8 +274,7 @@ def validate(cfg: Config) -> None:
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     _check(cfg.worker.heads is None or cfg.worker.heads >= 1, "worker.heads", "must be >= 1 or null",
            cfg.worker.heads)
-    _check(cfg.worker.base_dtype in FORMATS, "worker.base_dtype", f"must be one of {FORMATS}",
-           cfg.worker.base_dtype)
+    _validate_worker(cfg)
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
            cfg.dist.backend)
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)
@@ -266,6 +282,48 @@ def validate(cfg: Config) -> None:
     if cfg.mode == "lte" and t.batch_size % lt.heads:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into lte.heads={lt.heads} "
                           "equal per-head batches; make it a multiple of lte.heads")
+
+
+def _check_worker_options(w: WorkerCfg, cfg: Config, prefix: str) -> None:
+    _check(w.base_dtype in FORMATS, prefix + "base_dtype", f"must be one of {FORMATS}", w.base_dtype)
+    check_activations(w.activations, cfg.lte.reset, key=prefix + "activations", reset_key="lte.reset")
+    _check(w.velora_subtoken >= 1, prefix + "velora_subtoken", "must be >= 1", w.velora_subtoken)
+    _check(w.chunks >= 1, prefix + "chunks", "must be >= 1 (1: no local chunks)", w.chunks)
+    if w.chunks > 1 and cfg.train.compile:
+        raise ConfigError(f"{prefix}chunks={w.chunks} cannot run with train.compile=true: a chunked round runs "
+                          "a different part of the model for each chunk; compile is for whole-model steps")
+
+
+def _validate_worker(cfg: Config) -> None:
+    w = cfg.worker
+    _check_worker_options(w, cfg, "worker.")
+    lte_heads = cfg.mode in ("lte", "ps")
+    if not lte_heads and (w.activations != "full" or w.chunks != 1):
+        raise ConfigError(f"worker.activations and worker.chunks apply to LTE heads (mode=lte or ps); "
+                          f"mode={cfg.mode} trains full-rank")
+    if w.per_rank and cfg.mode != "ps":
+        raise ConfigError(f"worker.per_rank sets options per worker process of mode=ps; mode={cfg.mode} has none")
+    normalized = {}
+    for rank, overrides in w.per_rank.items():
+        key = f"worker.per_rank.{rank}"
+        try:
+            ok = int(rank) >= 1 and str(int(rank)) == str(rank).strip()
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"worker.per_rank keys are worker ranks (integers >= 1; rank 0 is the server), "
+                              f"got {rank!r}")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{key} must be a mapping of worker.* keys, got {overrides!r}")
+        unknown = sorted(set(overrides) - set(PER_RANK_KEYS))
+        if unknown:
+            why = (" (every worker holds worker.heads heads)" if unknown[0] == "heads" else "")
+            raise ConfigError(f"{key} cannot set {unknown[0]!r}{why}; it takes {list(PER_RANK_KEYS)}")
+        hints = typing.get_type_hints(WorkerCfg)
+        coerced = {k: _coerce(hints[k], v, f"{key}.{k}") for k, v in overrides.items()}
+        _check_worker_options(dataclasses.replace(w, **coerced), cfg, key + ".")
+        normalized[str(int(rank))] = coerced
+    w.per_rank = normalized  # keys as strings, whether the YAML had 3 or "3"
 
 
 def resolve_heads(cfg: Config, workers: int) -> Config:
@@ -282,6 +340,9 @@ def resolve_heads(cfg: Config, workers: int) -> Config:
         k = n // workers
     if n != workers * k:
         raise ConfigError(f"lte.heads={n} must equal workers x worker.heads = {workers} x {k} = {workers * k}")
+    beyond = sorted(int(r) for r in cfg.worker.per_rank if int(r) > workers)
+    if beyond:
+        raise ConfigError(f"worker.per_rank names worker rank {beyond[0]}, but this run's workers are ranks 1..{workers}")
     if cfg.train.batch_size % n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into lte.heads={n} "
                           "equal per-head batches; make it a multiple of lte.heads")

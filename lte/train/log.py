@@ -13,14 +13,9 @@ from ..errors import ConfigError
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, config: dict, *, wandb: bool, wandb_project: str, wandb_mode: str,
-                 resume: bool = False):
+    def __init__(self, out_dir: Path, config: dict, *, wandb: bool, wandb_project: str, wandb_mode: str):
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
-        # The run's whole config, for tools that rebuild its model or data (lte.sample, reports).
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
         self._wandb = None
         if wandb:
             try:
@@ -42,7 +37,6 @@ class RunLog:
         print(text, flush=True)
 
     def finish(self, summary: dict) -> None:
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
             self._wandb.finish()
@@ -58,6 +52,10 @@ def progress_line(step: int, steps: int, metrics: dict) -> str:
         parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
     if "merges" in metrics:
         parts.append(f"merges {metrics['merges']}")
+    if "chunk_losses" in metrics:  # local chunks: each chunk's loss (per worker rank on a parameter server)
+        losses = metrics["chunk_losses"]
+        groups = losses.items() if isinstance(losses, dict) else [("", losses)]
+        parts += [f"chunk losses{' rank ' + r if r else ''} " + "/".join(f"{v:.4f}" for v in ls) for r, ls in groups]
     for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
         if key in metrics:
             parts.append(f"{key.replace('_', ' ')} {metrics[key]:.4f}")

@@ -2,15 +2,16 @@
 
 One loop serves both modes; they differ only in what is trained (the heads of a prepared model,
 or every parameter of the plain model), how the gradient is clipped (per head, or one norm), and
-what happens at the end of a round of lte.merge_every steps (a merge, or nothing).
+what happens at the end of a round of lte.merge_every steps (a merge, or nothing). A round is
+run by the Engine, step by step, or chunk by chunk with worker.chunks > 1 (lte.train.chunks).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -18,9 +19,10 @@ from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches, build_data
 from ..errors import ConfigError
 from ..models import create_model
-from .checkpoint import Checkpoint
-from .config import Config
+from .chunks import LocalChunks
+from .config import Config, WorkerCfg
 from .log import RunLog, Throughput, peak_memory, progress_line
+from .rundir import RunDir, Start, finished_line, load_model_state
 from .tasks import Metrics, loss as task_loss
 
 
@@ -63,7 +65,7 @@ def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
     """The evaluation set of a run: eval.batches batches of eval.batch_size (all of it if null)."""
     e = cfg.eval
     return EvalBatches(data.eval, e.batch_size, None if e.batches is None else e.batches * e.batch_size,
-                       workers=data.workers, pin_memory=device.type == "cuda")
+                       workers=data.workers, device=device, transform=data.device_transform)
 
 
 @torch.no_grad()
@@ -72,8 +74,7 @@ def evaluate(model: torch.nn.Module, batches: EvalBatches, task: str, device: to
     was_training = model.training
     model.eval()
     metrics = Metrics(task)
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for x, y in batches:  # already on the device
         with autocast(device, precision):
             outputs = model(x)
         metrics.add(outputs, y)
@@ -107,54 +108,89 @@ class Engine:
     heads:   global indices of the LTE heads this process holds, or None for full-rank training.
     streams: the batch streams this process draws from, per_stream samples each per step; an LTE
              head's stream is its own global index, so a head sees the same batches everywhere.
+    options: the worker.* options of these heads (activations, velora_subtoken, chunks); the base
+             is stored as `base`.
     """
 
     def __init__(self, cfg: Config, data, device: torch.device, *, heads: range | None, streams: range,
-                 per_stream: int, base: str = "fp32"):
+                 per_stream: int, base: str = "fp32", options: WorkerCfg | None = None):
         self.cfg, self.data, self.device = cfg, data, device
         self.model = build_model(cfg, data, device)
+        options = options or WorkerCfg()
         if heads is not None:
             lte_cfg = dataclasses.replace(cfg.lte_config(), heads=len(heads))
-            core.prepare(self.model, lte_cfg, first_head=heads.start, base=base)
+            core.prepare(self.model, lte_cfg, first_head=heads.start, base=base, activations=options.activations,
+                         velora_subtoken=options.velora_subtoken)
         self.heads = heads
         self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
                                                             data.sampling),
-                                    steps=cfg.train.steps, workers=data.workers, pin_memory=device.type == "cuda")
+                                    steps=cfg.train.steps, workers=data.workers, device=device,
+                                    transform=data.device_transform)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         lr = cfg.head_lr if heads is not None else t.lr
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")  # one kernel per step on a GPU
         self.scheduler = core.cosine_schedule(self.optimizer, warmup=t.warmup_steps, total=t.steps,
                                               min_ratio=t.min_lr_ratio)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        self.chunks = (LocalChunks(self.model, options.chunks, self.params, self.optimizer, device)
+                       if options.chunks > 1 else None)
         self.step = 0
 
+    def train_round(self, steps: int):
+        """Train one round of `steps` steps; yields each step's loss as its step completes (with
+        local chunks: the last chunk's steps, every earlier chunk having run its steps by then)."""
+        if self.chunks is None:
+            for _ in range(steps):
+                yield self.train_step()
+        else:
+            yield from self.chunks.round(self, steps)
+
     def train_step(self) -> torch.Tensor:
+        return self.step_on(*self.batches.get(self.step))
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor, step: int | None = None, advance: bool = True) -> torch.Tensor:
+        """One optimizer step on (x, y) at the learning rate of `step` (default: the current step);
+        `advance` moves the step counter and the schedule on (a local chunk before the last does not)."""
         t = self.cfg.train
-        x, y = self.batches.get(self.step)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if step is not None:
+            self._set_lr(step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
         loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
                               heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
-        self.scheduler.step()
-        self.step += 1
+        if advance:
+            self.scheduler.step()
+            self.step += 1
         return loss
+
+    def _set_lr(self, step: int) -> None:
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
+
+    @contextlib.contextmanager
+    def resident(self):
+        """Everything on the device (evaluation) even if local chunks keep most of it in host memory."""
+        if self.chunks is not None:
+            self.chunks.place(None)
+        yield
 
     def seek(self, step: int) -> None:
         """Continue at `step`: the data streams and the LR schedule are functions of the step alone."""
         self.step = step
         sched = self.scheduler
         sched.last_epoch = step
-        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(step)
+        self._set_lr(step)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": torch.get_rng_state()}
 
-    def restore(self, state: dict, checkpoint: Checkpoint) -> None:
-        checkpoint.load_model(self.model, state["model"])
+    def restore(self, state: dict, path=None) -> None:
+        load_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -167,14 +203,13 @@ class Engine:
 
 
 class Trainer:
-    """The loop of one process that trains and also logs: mode=lte, mode=full, and each DDP rank."""
+    """The loop of one process that trains: mode=lte, mode=full, and each DDP rank. The main
+    process (the only one but in DDP, where it is rank 0) also logs, evaluates, checkpoints and
+    writes the results into its run directory."""
 
-    is_main = True  # this process logs, evaluates, checkpoints and writes the summary
-
-    def __init__(self, cfg: Config, engine: Engine | None = None):
-        self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: Config, engine: Engine | None = None, rundir: RunDir | None = None):
+        self.cfg, self.rundir = cfg, rundir
+        self.is_main = rundir is not None
         if engine is None:
             device = resolve_device(cfg.train.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
@@ -182,18 +217,24 @@ class Trainer:
             heads = range(cfg.lte.heads) if lte_mode else None
             streams = heads if lte_mode else range(1)
             engine = Engine(cfg, data, device, heads=heads, streams=streams,
-                            per_stream=cfg.train.batch_size // len(streams))
+                            per_stream=cfg.train.batch_size // len(streams), options=cfg.worker_options())
         self.engine = engine
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
         self.eval_set = eval_batches(cfg, self.data, self.device)
-        self.checkpoint = Checkpoint(self.out_dir, cfg)
         self.merges, self.train_s = 0, 0.0
+        self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
         self.last_eval: dict = {}
 
     @property
     def step(self) -> int:
         return self.engine.step
+
+    def steps(self):
+        """Every remaining step's loss, round by round (a round ends at a multiple of lte.merge_every)."""
+        T, total = self.cfg.lte.merge_every, self.cfg.train.steps
+        while self.step < total:
+            yield from self.engine.train_round(min(T - self.step % T, total - self.step))
 
     def end_round(self) -> None:
         if self.lte:
@@ -204,25 +245,21 @@ class Trainer:
         return {}
 
     # the loop ----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, start: Start) -> dict:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
-        resumed = cfg.checkpoint.resume and self.checkpoint.exists()
-        if resumed:
-            self.restore(self.checkpoint.load())
+        if start.state is not None:
+            self.restore(start.state, start.path)
         log = None
         if self.is_main:
-            log = RunLog(self.out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                         wandb_mode=cfg.log.wandb_mode, resume=resumed)
-            if resumed:
-                self.checkpoint.trim_metrics(self.step)
-                log.say(f"resumed from {self.checkpoint.path} at step {self.step}")
+            log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                         wandb_mode=cfg.log.wandb_mode)
+            if start.state is not None:
+                log.say(f"resumed from {start.path} at step {self.step}")
             log.say(self.describe())
         self.model.train()
         meter, pending = Throughput(self.device), []
-        wall0 = time.perf_counter()
-        while self.step < t.steps:
-            t0 = time.perf_counter()
-            loss = engine.train_step()
+        self.wall0 = t0 = time.perf_counter()
+        for loss in self.steps():
             if self.is_main:  # only the logging process keeps the losses it will report
                 pending.append(loss)
                 meter.add(t.batch_size)
@@ -230,9 +267,12 @@ class Trainer:
             if end_of_round:
                 self.end_round()
             self.train_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
             if not self.is_main:
                 continue
             row = {}
+            if end_of_round and engine.chunks is not None:
+                row["chunk_losses"] = engine.chunks.chunk_losses
             if self.step % t.log_every == 0 or self.step == t.steps:
                 row.update(loss=torch.stack(pending).mean().item(), lr=engine.scheduler.get_last_lr()[0],
                            samples_per_s=meter.read(), merges=self.merges)
@@ -240,47 +280,80 @@ class Trainer:
             if end_of_round:
                 rounds = -(-self.step // cfg.lte.merge_every)
                 if self.step == t.steps or (cfg.eval.every and rounds % cfg.eval.every == 0):
-                    self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
-                                              t.precision)
+                    with engine.resident():
+                        self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
+                                                  t.precision)
                     row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
-                if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0:
-                    self.checkpoint.save(self.state())
+                if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and self.step < t.steps:
+                    self.rundir.save_checkpoint(self.state(), self.step)  # the last step's comes below
             if row:
                 row["train_s"] = self.train_s  # training time so far, evaluation excluded
                 log.log(self.step, row)
                 log.say(progress_line(self.step, t.steps, row))
+            t0 = time.perf_counter()
+        extra = self.summary_extra()  # collectives that every rank must join
         if not self.is_main:
-            self.summary_extra()  # collectives that every rank must join
             return {}
         summary = {
             "mode": cfg.mode, "steps": self.step, "samples_seen": self.step * t.batch_size,
-            "merges": self.merges, "eval": self.last_eval, "wall_s": time.perf_counter() - wall0,
-            "train_s": self.train_s, "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
-            **peak_memory(self.device), "device": str(self.device),
+            "merges": self.merges, "eval": self.last_eval, "wall_s": self.wall_s(), "train_s": self.train_s,
+            "samples_per_s": self.step * t.batch_size / max(self.train_s, 1e-9),
+            "attempts": self.earlier["attempts"] + 1, **peak_memory(self.device), "device": str(self.device),
             "heads": len(engine.heads) if self.lte else 0,
-            "trainable_params": sum(p.numel() for p in engine.params), **self.summary_extra(),
+            "trainable_params": sum(p.numel() for p in engine.params), **extra,
         }
-        torch.save(engine.final_weights(), self.out_dir / "final.pt")
+        self.rundir.write_results(summary, engine.final_weights())
+        self.rundir.save_checkpoint({**self.state(), "finished": True, "summary": summary}, self.step)
         log.finish(summary)
         log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
         return summary
+
+    def wall_s(self) -> float:
+        return self.earlier["wall_s"] + time.perf_counter() - self.wall0
 
     def describe(self) -> str:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
+        w = cfg.worker
+        if self.lte and w.activations != "full":
+            what += f", {w.activations}" + (f" (M={w.velora_subtoken})" if w.activations == "velora" else "")
+        if engine.chunks is not None:
+            what += f", {engine.chunks.count} local chunks"
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}, {sum(p.numel() for p in engine.params):,} trainable "
                 f"parameters, batch {cfg.train.batch_size}, {cfg.train.steps} steps on {self.device}")
 
     # checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
-        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s}
+        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "wall_s": self.wall_s(),
+                "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval}
 
-    def restore(self, state: dict) -> None:
-        self.engine.restore(state, self.checkpoint)
+    def restore(self, state: dict, path) -> None:
+        self.engine.restore(state, path)
         self.merges, self.train_s = state["merges"], state["train_s"]
+        self.earlier = {"wall_s": state["wall_s"], "attempts": state["attempts"]}
+        self.last_eval = state.get("last_eval", {})
+
+
+def refuse_several_processes(cfg: Config) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"mode={cfg.mode} runs in one process, but this is one of {world} processes started "
+                          "by torchrun or --nproc-per-node; start it without them (mode=ps and mode=ddp use "
+                          "several processes)")
 
 
 def train(cfg: Config) -> dict:
-    return Trainer(cfg).run()
+    """Run mode=lte or mode=full in this process; the run's summary (that of the finished run
+    already in out_dir, if there is one)."""
+    refuse_several_processes(cfg)
+    rundir = RunDir(cfg)
+    try:
+        start = rundir.open(say=RunLog.say)
+        if start.finished is not None:
+            RunLog.say(finished_line(rundir.path, start.finished))
+            return start.finished
+        return Trainer(cfg, rundir=rundir).run(start)
+    finally:
+        rundir.unlock()

@@ -1,0 +1,27 @@
+"""The GPU suite's dry run: every step of benchmarks/gpu_suite.py on tiny shapes on the CPU, so the
+suite is known to work before a GPU session spends its minutes on it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_dry_run_runs_every_step(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--dry-run", "--results", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    statuses = {s["name"]: s["status"] for s in report["steps"]}
+    assert proc.returncode == 0, (statuses, proc.stdout[-3000:], proc.stderr[-3000:])
+    for name in ("throughput-eager", "throughput-compiled", "layer", "comm", "train-lte", "train-full", "train-ps",
+                 "train-ddp"):
+        assert statuses[name] == "ok", (name, statuses)
+    steps = {s["name"]: s for s in report["steps"]}
+    full, lte = steps["throughput-compiled"]["result"]["results"]
+    assert full["mode"] == "full" and lte["mode"] == "lte" and lte["images_per_s"] > 0
+    assert steps["comm"]["result"]["ps"]["comm"]["bytes_per_step_per_worker"] > 0
+    for mode in ("lte", "full", "ps", "ddp"):
+        assert steps[f"train-{mode}"]["result"]["steps"] == 4, mode
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "| train-ps | ok |" in table and "(dry run)" in table
