@@ -166,6 +166,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, a few steps, CPU, no compile")
     parser.add_argument("--tag", default="", help="suffix of the output names")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=None, metavar="JSON",
+                        help="the report's path (default: OUT_DIR/quality-<preset>[-tag].json); the PNG and "
+                             "the runs' folders go beside it")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
                         help="redraw the PNG of a finished benchmark from its JSON, and stop")
@@ -183,7 +186,8 @@ def main() -> None:
     full_steps = load_config(config, common).train.steps
     factor = preset["lte_steps_factor"] if args.lte_steps_factor is None else args.lte_steps_factor
     stem = f"quality-{args.preset}{'-dryrun' if args.dry_run else ''}{'-' + args.tag if args.tag else ''}"
-    base = args.out_dir / stem
+    json_path = args.out if args.out is not None else args.out_dir / f"{stem}.json"
+    png_path, base = json_path.with_suffix(".png"), json_path.with_suffix("")
 
     results = []
     if args.full_from is not None:
@@ -211,7 +215,7 @@ def main() -> None:
     report = {"benchmark": "quality", "preset": args.preset, "dry_run": args.dry_run, "config": preset["config"],
               "common_overrides": common, "lte_steps_factor": factor, "machine": machine,
               "comparison": cmp, "runs": results}
-    json_path, png_path = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     plot_report(report, png_path)
 
