@@ -60,6 +60,31 @@ def _comm(r: dict) -> str:
             + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in rt.items()))
 
 
+def _memory(r: dict) -> str:
+    parts = []
+    for name, m in r["models"].items():
+        rows = m["rows"]
+        ddp = next(v["peak"] for k, v in rows.items() if k.startswith("DDP"))
+        lean = min(v["peak"] for k, v in rows.items() if not k.startswith("DDP"))
+        parts.append(f"{name}: DDP {ddp / 2**20:,.0f} MiB, leanest LTE {lean / 2**20:,.0f} MiB ({lean / ddp:.2f}x)")
+    return "; ".join(parts)
+
+
+def _quality(r: dict) -> str:
+    c, runs = r.get("comparison") or {}, {x["name"]: x for x in r["runs"]}
+    speed = ", ".join(f"{n} {x['samples_per_s_steady']:,.0f} samples/s" for n, x in runs.items())
+    if not c:
+        return speed
+    reach = (f"LTE reaches it at {c['sample_ratio']:.2f}x the samples" if c["lte_reaches_full_best"]
+             else f"LTE's best {c['lte_best_loss']:.3f} does not reach it")
+    return f"full-rank best loss {c['full_best_loss']:.3f}, {reach}; {speed}"
+
+
+def _vision(r: dict) -> str:
+    return ", ".join(f"{x['mode']} {x['images_per_s_median']:,.0f} img/s, peak {x['peak_memory_bytes'] / 2**30:.1f} GiB"
+                     for x in r["results"])
+
+
 def _train(r: dict) -> str:
     ev = r.get("eval", {})
     figures = ", ".join(f"{k} {v:.3f}" for k, v in ev.items())
@@ -108,16 +133,16 @@ def steps(results: Path, gpus: int) -> list[Step]:
         Step("memory", "peak memory of one worker: DDP vs LTE bases and activation options",
              [PY, "benchmarks/memory.py", "--out", f"{r}/memory.json"],
              [PY, "benchmarks/memory.py", "--dry-run", "--out", f"{r}/memory.json"],
-             300, "memory.json", needs="benchmarks/memory.py"),
+             300, "memory.json", needs="benchmarks/memory.py", headline=_memory),
         Step("quality", "gpt_mini on Shakespeare, full vs 32 heads x r16, bf16",
              [PY, "benchmarks/quality.py", "--preset", "gpu", "--out", f"{r}/quality.json"],
              [PY, "benchmarks/quality.py", "--dry-run", "--out", f"{r}/quality.json"],
-             420, "quality.json", needs="benchmarks/quality.py"),
+             420, "quality.json", needs="benchmarks/quality.py", headline=_quality),
         Step("vision-throughput", "ViT-S/32 ImageNet100-shaped, full vs LTE with the data pipeline",
              [PY, "benchmarks/ablation.py", "--preset", "gpu", "--runs-dir", f"{r}/vision", "--out", f"{r}/vision.json"],
              [PY, "benchmarks/ablation.py", "--preset", "gpu", "--dry-run", "--runs-dir", f"{r}/vision",
               "--out", f"{r}/vision.json"],
-             300, "vision.json", needs="benchmarks/ablation.py"),
+             300, "vision.json", needs="benchmarks/ablation.py", headline=_vision),
     ]
     return out
 

@@ -12,6 +12,8 @@ from lte.train.trainer import train
 
 def tiny(name):
     torch.manual_seed(0)
+    if name == "gpt":
+        return create_model("gpt", vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
     if name == "vit":
         return create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=5,
                             embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -43,6 +45,10 @@ def trainable(model):
     ("mixer", "none", "replica", "fp32", "full"),
     ("vit", "ab", "replica", "nf4", "velora"),
     ("mixer", "b", "replica", "bf16", "lora_fa"),  # a bf16 base with fp32 inputs takes the decoded path
+    ("gpt", "b", "replica", "fp32", "full"),
+    ("gpt", "none", "replica", "nf4", "full"),
+    ("gpt", "ab", "replica", "fp32", "velora"),
+    ("gpt", "b", "replica", "fp32", "lora_fa"),
 ])
 def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, other, base, activations):
     cfg = lte.LTEConfig(heads=4, rank=2, alpha=4, reset=reset, other_params=other)
@@ -53,7 +59,7 @@ def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, oth
     opts = [torch.optim.AdamW(trainable(m), lr=1e-2) for m in (compiled_model, eager)]
     g = torch.Generator().manual_seed(0)
     for i in range(5):
-        x = torch.randn(8, 1, 8, 8, generator=g)
+        x = torch.randint(0, 13, (8, 8), generator=g) if name == "gpt" else torch.randn(8, 1, 8, 8, generator=g)
         y, y_ref = step(x), eager(x)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
         y.square().mean().backward()

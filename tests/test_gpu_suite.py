@@ -15,7 +15,7 @@ def test_gpu_suite_dry_run_runs_every_step(tmp_path):
     statuses = {s["name"]: s["status"] for s in report["steps"]}
     assert proc.returncode == 0, (statuses, proc.stdout[-3000:], proc.stderr[-3000:])
     for name in ("throughput-eager", "throughput-compiled", "layer", "comm", "train-lte", "train-full", "train-ps",
-                 "train-ddp"):
+                 "train-ddp", "memory", "quality", "vision-throughput"):
         assert statuses[name] == "ok", (name, statuses)
     steps = {s["name"]: s for s in report["steps"]}
     full, lte = steps["throughput-compiled"]["result"]["results"]
@@ -23,5 +23,7 @@ def test_gpu_suite_dry_run_runs_every_step(tmp_path):
     assert steps["comm"]["result"]["ps"]["comm"]["bytes_per_step_per_worker"] > 0
     for mode in ("lte", "full", "ps", "ddp"):
         assert steps[f"train-{mode}"]["result"]["steps"] == 4, mode
+    assert "leanest LTE" in steps["memory"]["headline"] and "full-rank best loss" in steps["quality"]["headline"]
+    assert [r["mode"] for r in steps["vision-throughput"]["result"]["results"]] == ["full", "lte"]
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| train-ps | ok |" in table and "(dry run)" in table

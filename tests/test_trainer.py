@@ -119,6 +119,13 @@ def test_cli_missing_config_file_in_a_real_process(tmp_path):
     assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_mode_in_out_dir_keeps_each_modes_run_apart():
+    shakespeare = str(ROOT / "configs" / "shakespeare_char.yaml")
+    assert load_config(shakespeare).out_dir == "runs/shakespeare-char-lte"
+    assert load_config(shakespeare, ["mode=full"]).out_dir == "runs/shakespeare-char-full"
+    assert load_config(DIGITS, ["out_dir=/tmp/x-{mode}/y", "mode=ps"]).out_dir == "/tmp/x-ps/y"
+
+
 def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
     assert load_config(DIGITS, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 

@@ -12,11 +12,13 @@ from .imagefolder import imagefolder
 from .loader import EvalBatches, TrainBatches
 from .streams import HeadBatches, IndexStream
 from .synthetic import synthetic
+from .text import text
+from .tokens import tokens
 from .torchvision_sets import cifar10, cifar100, stl10
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {
     "digits": digits, "synthetic": synthetic, "imagefolder": imagefolder,
-    "cifar10": cifar10, "cifar100": cifar100, "stl10": stl10}
+    "cifar10": cifar10, "cifar100": cifar100, "stl10": stl10, "text": text, "tokens": tokens}
 
 
 def register_data(fn: Callable[..., DataBundle], name: str | None = None) -> Callable[..., DataBundle]:
@@ -42,6 +44,8 @@ def build_data(name: str, seed: int, args: dict) -> DataBundle:
         raise ConfigError(f"data.args: {name} does not take {unknown}; it takes {sorted(accepted)}")
     try:
         bundle = builder(**({"seed": seed} if "seed" in params or takes_any else {}), **args)
+    except ConfigError:
+        raise  # already names its key
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"data.args: {name}: {exc}") from exc
     if not isinstance(bundle, DataBundle):

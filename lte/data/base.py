@@ -18,6 +18,8 @@ A data set is a `DataBundle`:
   device_transform  None, or a function applied to each batch's inputs once they are on the
                 device (e.g. uint8 images -> normalized floats, which keeps the host side and
                 the copy 4x smaller); it runs in the training process, in every mode.
+  tokenizer     language models: what turns text into the data's token ids and back, an object
+                with encode(str) -> list[int] and decode(ids) -> str (lte.sample uses it); or None.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class DataBundle:
     sampling: str = "epoch"
     workers: int = 0
     device_transform: Callable | None = None
+    tokenizer: object = None
 
     def __post_init__(self):
         self.train = as_dataset(self.train, "DataBundle.train")

@@ -38,7 +38,7 @@ def create_model(name: str, data_args: dict | None = None, **kwargs) -> nn.Modul
         builder = lambda **kw: timm.create_model(name, pretrained=False, **kw)  # noqa: E731
     try:
         model = builder(**{**accepted(builder, data_args or {}), **kwargs})
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.args: {name} rejected its arguments: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")

@@ -109,7 +109,7 @@ class LogCfg:
 class Config:
     mode: str = "lte"            # lte: simulated heads | full: full-rank | ps: parameter server + workers | ddp
     seed: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"    # "{mode}" in it is replaced by the run's mode
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     lte: LTECfg = field(default_factory=LTECfg)
@@ -172,6 +172,8 @@ def config_from_dict(raw: dict, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({first})") from None
         _set_dotted(raw, key.strip(), value)
     cfg = _build(Config, raw, "")
+    # one config file serves every mode without one mode's run refusing another's out_dir
+    cfg.out_dir = cfg.out_dir.replace("{mode}", cfg.mode)
     validate(cfg)
     return cfg
 

@@ -56,7 +56,7 @@ def progress_line(step: int, steps: int, metrics: dict) -> str:
         losses = metrics["chunk_losses"]
         groups = losses.items() if isinstance(losses, dict) else [("", losses)]
         parts += [f"chunk losses{' rank ' + r if r else ''} " + "/".join(f"{v:.4f}" for v in ls) for r, ls in groups]
-    for key in ("eval_loss", "eval_accuracy"):
+    for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
         if key in metrics:
             parts.append(f"{key.replace('_', ' ')} {metrics[key]:.4f}")
     return " | ".join(parts)

@@ -43,7 +43,22 @@ def autocast(device: torch.device, precision: str):
 def build_model(cfg: Config, data, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
     model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
+    check_fits(model, data)
     return model.to(device)
+
+
+def check_fits(model: torch.nn.Module, data) -> None:
+    """Refuse a model too small for its data, before anything trains: a vocabulary missing some of
+    the data's token ids, or a position table shorter than the data's windows (models and data
+    sets that state a vocab_size / block_size; others are not checked)."""
+    vocab, model_vocab = data.model_args.get("vocab_size"), getattr(model, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(model_vocab, int) and model_vocab < vocab:
+        raise ConfigError(f"model.args.vocab_size: the model's vocabulary of {model_vocab} tokens is smaller than "
+                          f"the data's ({vocab}); leave it unset to take the data's, or make it >= {vocab}")
+    block, model_block = getattr(data.train, "block_size", None), getattr(model, "block_size", None)
+    if isinstance(block, int) and isinstance(model_block, int) and block > model_block:
+        raise ConfigError(f"data.args.block_size={block} is larger than the model's block_size={model_block} "
+                          "(model.args.block_size)")
 
 
 def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
@@ -272,6 +287,7 @@ class Trainer:
                 if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.rundir.save_checkpoint(self.state(), self.step)  # the last step's comes below
             if row:
+                row["train_s"] = self.train_s  # training time so far, evaluation excluded
                 log.log(self.step, row)
                 log.say(progress_line(self.step, t.steps, row))
             t0 = time.perf_counter()
