@@ -11,6 +11,11 @@ from .comm import Exchange, PeerError
 
 def run_distributed(cfg: Config) -> dict | None:
     """Run this process's part of a mode=ps or mode=ddp run; the summary on rank 0."""
+    world = dist_env.read_env(cfg)[1]
+    if cfg.mode == "ps" and world >= 2:  # fewer: init refuses it
+        # Refused in every process alike before any joins the group: a process that leaves while
+        # its peers are still connecting makes them fail with Gloo's traceback, not this message.
+        cfg = resolve_heads(cfg, world - 1)
     env = dist_env.init(cfg)
     device = env.device if env.backend == "nccl" else torch.device("cpu")
     exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s)
@@ -30,7 +35,6 @@ def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
         from .ddp import run_ddp
 
         return run_ddp(cfg, env, exchange)
-    cfg = resolve_heads(cfg, env.world - 1)
     if env.rank == 0:
         from .server import ParameterServer
 
