@@ -1,5 +1,5 @@
 """Peak memory of ONE worker at a fixed per-worker batch: a DDP (full-rank) worker against LTE workers
-with each per-worker memory option, for a GPT2-124M-shaped and a ViT-B/32-shaped model; the step
+with each per-worker memory option, for GPT-2 124M (lte's gpt2) and timm's ViT-B/32; the step
 time of each relative to plain LTE (nf4); and, under a fixed memory cap, the largest GPT that
 trains as a DDP worker and as the leanest LTE worker.
 
@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
+from lte.models.gpt import gpt
 from lte.train.chunks import LocalChunks
 from lte.train.trainer import optimizer_step
 
@@ -53,41 +54,6 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ---- models --------------------------------------------------------------------------------------
-
-class Block(nn.Module):
-    """A GPT-2 block (pre-norm attention and MLP), attention through SDPA."""
-
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.c_proj(y)
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class GPTStack(nn.Module):
-    """GPT-2 shapes (token and position embeddings, blocks, final norm, an untied head: LTE keeps one
-    base weight per layer). Stands in for lte/models/gpt.py until that lands."""
-
-    def __init__(self, d=768, depth=12, n_head=12, vocab=50257, ctx=1024):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(depth))
-        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
 
 GPT_FAMILY = {  # name: (width, depth, attention heads); GPT-2 sizes, then larger decoder shapes
     "gpt2-124m": (768, 12, 12), "gpt2-350m": (1024, 24, 16), "gpt2-774m": (1280, 36, 20),
@@ -108,11 +74,13 @@ class Spec:
     velora_m: int = 128
 
 
-def gpt_spec(name, d, depth, n_head, vocab=50257, ctx=1024, per_worker=4, heads=1, rank=64) -> Spec:
+def gpt_spec(name, d, depth, n_head, vocab=50304, ctx=1024, per_worker=4, heads=1, rank=64) -> Spec:
     def batch(n, device):
         idx = torch.zeros(n, ctx, dtype=torch.long, device=device)
         return idx, idx
-    return Spec(name, lambda: GPTStack(d, depth, n_head, vocab, ctx), batch, "language_model", heads, rank, per_worker)
+    def build():  # the trainer's GPT (lte/models/gpt.py): untied, so LTE keeps one base per layer
+        return gpt(vocab_size=vocab, block_size=ctx, n_layer=depth, n_head=n_head, n_embd=d)
+    return Spec(name, build, batch, "language_model", heads, rank, per_worker)
 
 
 def vit_spec(name="vit-b32", img=224, patch=32, d=768, depth=12, n_head=12, classes=1000, per_worker=64, heads=1,
