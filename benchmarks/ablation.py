@@ -19,6 +19,7 @@ images/s include decoding and augmentation in the DataLoader workers.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -75,34 +76,25 @@ def train_one(overrides: dict, seed: int, steps: int, out_dir: Path, extra: list
     """One lte-train process; returns its summary and eval curve (reused if already there)."""
     summary_path = out_dir / "summary.json"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not summary_path.exists() and not claim(out_dir):  # another ablation process is running it
-        while not summary_path.exists():
-            time.sleep(10)
-    if not summary_path.exists():
-        merge_every = overrides.get("lte.merge_every", 10)
-        args = [f"{k}={v}" for k, v in overrides.items()] + [
-            f"seed={seed}", f"out_dir={out_dir}", f"train.steps={steps}", "train.log_every=100",
-            f"eval.every={max(1, 100 // merge_every)}", "checkpoint.every=0", "checkpoint.resume=false", *extra]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / "train.log").open("w") as log:
-            code = subprocess.call([sys.executable, "-m", "lte.train", "--config", str(DIGITS), *args],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code:
-            raise SystemExit(f"run {out_dir.name} failed; see {out_dir / 'train.log'}")
+    # Two ablation processes may share the study (--reverse): whoever holds out_dir's claim runs it,
+    # the other waits and reuses the result. An flock, so a process that dies releases it.
+    with (out_dir / ".claim").open("w") as claim:
+        fcntl.flock(claim, fcntl.LOCK_EX)
+        if not summary_path.exists():
+            merge_every = overrides.get("lte.merge_every", 10)
+            args = [f"{k}={v}" for k, v in overrides.items()] + [
+                f"seed={seed}", f"out_dir={out_dir}", f"train.steps={steps}", "train.log_every=100",
+                f"eval.every={max(1, 100 // merge_every)}", "checkpoint.every=0", "checkpoint.resume=false", *extra]
+            with (out_dir / "train.log").open("w") as log:
+                code = subprocess.call([sys.executable, "-m", "lte.train", "--config", str(DIGITS), *args],
+                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            if code:
+                raise SystemExit(f"run {out_dir.name} failed; see {out_dir / 'train.log'}")
     summary = json.loads(summary_path.read_text())
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in rows if "eval_loss" in r]
     return {"eval": summary["eval"], "wall_s": summary["wall_s"], "samples_per_s": summary["samples_per_s"],
             "trainable_params": summary["trainable_params"], "curve": curve}
-
-
-def claim(out_dir: Path) -> bool:
-    """True if this process may run out_dir (so two processes can share the study: --reverse)."""
-    try:
-        os.close(os.open(out_dir / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
 
 
 def study(args) -> None:

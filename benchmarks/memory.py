@@ -47,6 +47,7 @@ import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
 from lte.models.gpt import gpt
+from lte.train import tasks
 from lte.train.chunks import LocalChunks
 from lte.train.trainer import optimizer_step
 
@@ -186,12 +187,6 @@ def fused_attention_on_meta():
         F.scaled_dot_product_attention = real
 
 
-def loss_of(spec: Spec, out, y):
-    if spec.task == "language_model":
-        return F.cross_entropy(out.flatten(0, 1), y.flatten())
-    return F.cross_entropy(out, y)
-
-
 def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
     """Bytes of one training step's peak on the meta device (see the module docstring)."""
     meta = torch.device("meta")
@@ -218,7 +213,7 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
             arrange = plan.arranged(c)
         with FlopCounterMode(display=False) as flops:
             with arrange, fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
-                loss = loss_of(spec, model(x), y)
+                loss = tasks.loss(spec.task, model(x), y)
             loss.backward()
         for p in params:
             p.grad = None

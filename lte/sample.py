@@ -42,6 +42,7 @@ def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
     """(model with the run's trained weights, in eval mode, and its data's tokenizer)."""
     from .data import build_data
     from .train.config import config_from_dict
+    from .train.rundir import load_model_state
     from .train.trainer import build_model
 
     config_path, weights_path = run_dir / "config.json", run_dir / weights
@@ -55,11 +56,7 @@ def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
         raise UserError(f"the run in {run_dir} did not train a language model with a tokenizer "
                         f"(data.name={cfg.data.name}, task {data.task})")
     model = build_model(cfg, data, device)
-    try:
-        model.load_state_dict(torch.load(weights_path, map_location=device, weights_only=True), strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"{weights_path} does not fit the model of {config_path}: "
-                        f"{' '.join(str(exc).strip().splitlines()[:2])}") from None
+    load_model_state(model, torch.load(weights_path, map_location=device, weights_only=True), weights_path)
     return model.eval(), data.tokenizer
 
 

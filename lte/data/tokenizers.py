@@ -21,6 +21,7 @@ class CharTokenizer:
             raise ValueError("a character vocabulary needs at least one character")
         self.chars = chars
         self._ids = {c: i for i, c in enumerate(chars)}
+        self._codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)  # sorted, as chars is
         self.vocab_size = len(chars)
 
     @classmethod
@@ -39,7 +40,7 @@ class CharTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """encode() for long texts: the ids as an int64 array, by a vectorised lookup of code points."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        vocab = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
+        vocab = self._codes
         ids = np.searchsorted(vocab, codes)
         known = ids < len(vocab)
         known[known] = vocab[ids[known]] == codes[known]

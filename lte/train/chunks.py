@@ -251,7 +251,8 @@ class LocalChunks:
                 self._tap = self._input = None
                 losses.append(loss)
                 if last:
-                    self.chunk_losses = self.chunk_losses[:chunk] + [torch.stack(losses).mean().item()]
+                    if j == steps - 1:  # read at the round's end; a .item() per step would sync the device
+                        self.chunk_losses.append(torch.stack(losses).mean().item())
                     yield loss
             if not last:
                 self.chunk_losses.append(torch.stack(losses).mean().item())
