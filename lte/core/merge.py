@@ -36,9 +36,10 @@ class MergeSpec:
                 keys += [key(layer, "lora_A0"), key(layer, "lora_B0")]
         return keys + [p + HEADS_SUFFIX for p in self.replicas]
 
-    def trained_keys(self) -> list[str]:
-        """The head tensors an optimizer trains (the reset-less snapshots are not trained)."""
-        return [k for k in self.head_keys() if not k.endswith(("lora_A0", "lora_B0"))]
+    def trained_keys(self, frozen_A: bool = False) -> list[str]:
+        """The head tensors an optimizer trains: not the reset-less snapshots, nor A under LoRA-FA."""
+        untrained = ("lora_A0", "lora_B0", "lora_A") if frozen_A else ("lora_A0", "lora_B0")
+        return [k for k in self.head_keys() if not k.endswith(untrained)]
 
 
 def key(path: str, name: str) -> str:

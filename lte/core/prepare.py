@@ -158,8 +158,8 @@ def lte_layers(model: nn.Module) -> list[tuple[str, LTELinear]]:
 
 def trained_keys(model: nn.Module) -> list[str]:
     """The per-head tensors an optimizer trains (without A under LoRA-FA)."""
-    keys = state_of(model).spec.trained_keys()
-    return [k for k in keys if not k.endswith("lora_A")] if state_of(model).frozen_A else keys
+    state = state_of(model)
+    return state.spec.trained_keys(state.frozen_A)
 
 
 VELORA_KEY = "velora_v"

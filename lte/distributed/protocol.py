@@ -23,6 +23,7 @@ import torch
 
 from ..core.init import init_lora_A
 from ..core.merge import HEADS_SUFFIX, MergeSpec, key
+from ..core.prepare import VELORA_KEY
 from ..memory import BaseFormat, get_format
 from .comm import Layout
 
@@ -73,7 +74,7 @@ class Protocol:
         for k in trained:
             state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
                       (f"{k}.step", (), torch.float32)]
-        self.velora = ([(key(layer, "velora_v"), (local_heads, velora_subtoken)) for layer in spec.layers]
+        self.velora = ([(key(layer, VELORA_KEY), (local_heads, velora_subtoken)) for layer in spec.layers]
                        if velora_subtoken else [])
         state += [(k, s, torch.float32) for k, s in self.velora]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
@@ -139,7 +140,7 @@ def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, .
     for w in range(workers):
         opts = cfg.worker_options(w + 1)
         frozen_A = opts.activations == "lora_fa"
-        trained = [k for k in spec.trained_keys() if not (frozen_A and k.endswith("lora_A"))]
+        trained = spec.trained_keys(frozen_A)
         out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
                             fmt=get_format(opts.base_dtype), workers=workers, trained=trained, frozen_A=frozen_A,
                             velora_subtoken=opts.velora_subtoken if opts.activations == "velora" else None,
