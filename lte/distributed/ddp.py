@@ -15,7 +15,7 @@ from ..data import build_data
 from ..errors import ConfigError, UserError
 from ..train.config import Config
 from ..train.log import RunLog
-from ..train.rundir import RunDir, Start, finished_line
+from ..train.rundir import RunDir, Start
 from ..train.trainer import Engine, Trainer
 from .comm import Exchange
 from .env import DistEnv
@@ -79,10 +79,7 @@ def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:
                 raise error
             raise UserError(f"rank {env.rank}: rank 0 stopped the run (see its error)")
         if decision[0]["finished"] is not None:
-            if env.rank == 0:
-                RunLog.say(finished_line(rundir.path, decision[0]["finished"]))
-                return decision[0]["finished"]
-            return None
+            return decision[0]["finished"] if env.rank == 0 else None
         if env.rank != 0:
             path = decision[0]["path"]
             start = Start() if path is None else Start(torch.load(path, map_location="cpu", weights_only=True),

@@ -22,7 +22,7 @@ from ..data import build_data
 from ..errors import UserError
 from ..train.config import Config
 from ..train.log import RunLog, peak_memory, progress_line
-from ..train.rundir import RunDir, Start, finished_line, load_model_state
+from ..train.rundir import RunDir, Start, load_model_state
 from ..train.trainer import build_model, eval_batches, evaluate
 from .comm import Exchange
 from .env import DistEnv
@@ -95,8 +95,7 @@ class ParameterServer:
     def run(self) -> dict:
         try:
             control = self.handshake()  # raises if this server or a worker could not set up
-            if control.finished:
-                RunLog.say(finished_line(self.rundir.path, self.start.finished))
+            if control.finished:  # the run directory has said so
                 return self.start.finished
             return self.train(control)
         finally:

@@ -142,10 +142,12 @@ class RunDir:
 
     # deciding how to start -----------------------------------------------------------------
     def open(self, say=print) -> Start:
-        """Lock the directory and decide how this attempt starts; write the config of the run."""
+        """Lock the directory and decide how this attempt starts (saying so when the run is already
+        finished); write the config of the run."""
         self.lock()
         cfg = self.cfg.to_dict()
         held = self.holds_a_run()
+        start = Start()
         if held and not self.cfg.checkpoint.resume:
             moved = self.move_aside()
             say(f"checkpoint.resume=false: moved the previous run in {self.path} to {moved}")
@@ -160,15 +162,14 @@ class RunDir:
             start = self.newest_checkpoint(say)
             if start.state is not None and start.state.get("finished") and start.step >= self.cfg.train.steps:
                 start.finished = start.state["summary"]
+                say(finished_line(self.path, start.finished))
                 return start
             if start.state is not None:
                 self.trim_metrics(start.step)
             else:
                 self.clear_results()
-            atomic_write_text(self.path / "config.json", json.dumps(cfg, indent=2) + "\n")
-            return start
         atomic_write_text(self.path / "config.json", json.dumps(cfg, indent=2) + "\n")
-        return Start()
+        return start
 
     def holds_a_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_FILES) or bool(self.checkpoints())

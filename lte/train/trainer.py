@@ -22,7 +22,7 @@ from ..models import create_model
 from .chunks import LocalChunks
 from .config import Config, WorkerCfg
 from .log import RunLog, Throughput, peak_memory, progress_line
-from .rundir import RunDir, Start, finished_line, load_model_state
+from .rundir import RunDir, Start, load_model_state
 from .tasks import Metrics, loss as task_loss
 
 
@@ -352,7 +352,6 @@ def train(cfg: Config) -> dict:
     try:
         start = rundir.open(say=RunLog.say)
         if start.finished is not None:
-            RunLog.say(finished_line(rundir.path, start.finished))
             return start.finished
         return Trainer(cfg, rundir=rundir).run(start)
     finally:
