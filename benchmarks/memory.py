@@ -259,6 +259,7 @@ class StepRunner:
         self.chunks = LocalChunks(self.model, chunks, self.params, self.opt, device) if chunks > 1 else None
 
     def step_on(self, x, y, step=None, advance=True):
+        x, y = x.to(self.device), y.to(self.device)  # local chunks keep the round's batches in host memory
         loss = optimizer_step(self.model, self.params, self.opt, x, y, task=self.spec.task, heads=self.heads,
                               grad_clip=1.0, device=self.device, precision="fp32")
         if advance:
@@ -333,7 +334,8 @@ def cap_search(cap: int, device, real: bool, dry: bool, deadline: float) -> dict
     family = {"gpt-tiny": (64, 4, 4), "gpt-small": (128, 4, 4), "gpt-mid": (256, 8, 8)} if dry else GPT_FAMILY
     kw = dict(vocab=512, ctx=64, per_worker=2, rank=8) if dry else {}
     if real:
-        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
+        index = torch.cuda.current_device() if device.index is None else device.index  # 'cuda' has none
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(index).total_memory, index)
     found = {}
     try:
         for who, opts in (("ddp", None), ("lte", LEANEST)):
@@ -352,7 +354,7 @@ def cap_search(cap: int, device, real: bool, dry: bool, deadline: float) -> dict
             found[who + "_tried"] = tried
     finally:
         if real:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return found
 
 

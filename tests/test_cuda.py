@@ -38,10 +38,14 @@ def batch(name, generator):
 @pytest.mark.parametrize("name", ["vit", "mixer", "gpt"])
 @pytest.mark.parametrize("reset", ["b", "ab"])
 def test_a_round_on_the_gpu_equals_the_same_round_on_the_cpu(name, reset):
-    """Forward, backward, an optimizer step and a merge, from the same weights and batches."""
+    """Forward, backward, an optimizer step and a merge, from the same weights and batches.
+
+    SGD, not Adam: Adam divides each gradient element by its own size, so an element whose true
+    gradient is zero (a ViT's key bias, which the softmax ignores) turns each device's rounding
+    noise (~1e-13 on the CPU) into a step of its own, and the devices part ways for no fault of theirs."""
     cpu = lte.prepare(tiny(name), lte.LTEConfig(heads=4, rank=2, alpha=4, reset=reset))
     gpu = copy.deepcopy(cpu).to(CUDA)
-    opts = [torch.optim.AdamW(trainable(m), lr=1e-2) for m in (cpu, gpu)]
+    opts = [torch.optim.SGD(trainable(m), lr=1e-1, momentum=0.9) for m in (cpu, gpu)]
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x = batch(name, g)
@@ -51,7 +55,7 @@ def test_a_round_on_the_gpu_equals_the_same_round_on_the_cpu(name, reset):
         y_gpu.square().mean().backward()
         for (key, p), (_, q) in zip(cpu.named_parameters(), gpu.named_parameters()):
             if p.requires_grad:
-                torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-6, msg=key)
+                torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-6, msg=named(key))
         for opt in opts:
             opt.step()
             opt.zero_grad()
@@ -59,7 +63,11 @@ def test_a_round_on_the_gpu_equals_the_same_round_on_the_cpu(name, reset):
     lte.merge(gpu, opts[1])
     merged_cpu, merged_gpu = lte.export(cpu), lte.export(gpu)
     for key in merged_cpu:
-        torch.testing.assert_close(merged_gpu[key].cpu(), merged_cpu[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(merged_gpu[key].cpu(), merged_cpu[key], rtol=1e-4, atol=1e-6, msg=named(key))
+
+
+def named(key):
+    return lambda message: f"{key}: {message}"
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
@@ -68,11 +76,19 @@ def test_quantized_bases_encode_on_the_gpu_as_on_the_cpu(fmt):
     linear is x @ decode(payload).T."""
     base = get_format(fmt)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    on_cpu = base.decode(base.encode(w), tuple(w.shape), torch.float32)
+    cpu_payload = base.encode(w)
+    on_cpu = base.decode(cpu_payload, tuple(w.shape), torch.float32)
     payload = base.encode(w.to(CUDA))
     on_gpu = base.decode(payload, tuple(w.shape), torch.float32).cpu()
-    step = float((on_cpu - w).abs().max())  # the format's own rounding error
-    assert float((on_gpu - on_cpu).abs().max()) <= 1e-3 * step + 1e-6
+    if fmt == "int8":
+        # The CUDA kernel rounds x * 127 / absmax in its own order: a value within rounding of a
+        # half-way point can land one code away. Same scales, codes at most one apart, and rarely.
+        torch.testing.assert_close(payload["scale"].cpu(), cpu_payload["scale"])
+        codes = (payload[""].cpu().int() - cpu_payload[""].int()).abs()
+        assert int(codes.max()) <= 1 and float((codes > 0).float().mean()) < 0.01, (int(codes.max()), codes.sum())
+    else:
+        step = float((on_cpu - w).abs().max())  # the format's own rounding error
+        assert float((on_gpu - on_cpu).abs().max()) <= 1e-3 * step + 1e-6
     x = torch.randn(5, 256, device=CUDA)
     torch.testing.assert_close(base.linear(x, payload, tuple(w.shape), None).float().cpu(),
                                x.cpu() @ on_gpu.T, rtol=1e-2, atol=1e-2)

@@ -33,19 +33,28 @@ def replicate(module: nn.Module, name: str, heads: int) -> None:
     module.register_parameter(name + HEADS_SUFFIX, nn.Parameter(stack))
 
 
+def swap_buffers(module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `tensors` in place of the module's buffers of the same names; returns what they
+    replaced, which a second call puts back.
+
+    The buffer entries themselves are swapped (as torch.func.functional_call does): dynamo traces
+    that into one graph on every torch we support, where an instance attribute set and then
+    deleted through module.__dict__ fails fullgraph compilation before torch 2.14.
+    """
+    replaced = {name: module._buffers[name] for name in tensors}
+    for name, value in tensors.items():
+        module._buffers[name] = value
+    return replaced
+
+
 @contextmanager
 def shadowed(module: nn.Module, tensors: dict[str, torch.Tensor]):
-    """Make module.<name> return the given tensors instead of the registered buffers.
-
-    Instance attributes win over nn.Module.__getattr__, which is where buffers are looked up.
-    """
-    for name, value in tensors.items():
-        module.__dict__[name] = value
+    """Make module.<name> return the given tensors instead of the merged buffers, in the block."""
+    replaced = swap_buffers(module, tensors)
     try:
         yield
     finally:
-        for name in tensors:
-            module.__dict__.pop(name, None)
+        swap_buffers(module, replaced)
 
 
 def _headwise_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
@@ -92,15 +101,16 @@ def _split_forward(self: nn.Module, *args, **kwargs):
     if batch % heads:
         raise _split_error(batch, heads)
     per_head = batch // heads
+    swapped = []
     for owner, name in loose:
         stack = getattr(owner, name + HEADS_SUFFIX)  # N x 1 x rest
         rest = stack.shape[2:]
-        owner.__dict__[name] = stack.expand(heads, per_head, *rest).reshape(batch, *rest)
+        swapped.append((owner, swap_buffers(owner, {name: stack.expand(heads, per_head, *rest).reshape(batch, *rest)})))
     try:
         return cls_forward(self, *args, **kwargs)
     finally:
-        for owner, name in loose:
-            owner.__dict__.pop(name, None)
+        for owner, replaced in swapped:
+            swap_buffers(owner, replaced)
 
 
 def split_batches(root: nn.Module, heads: int, loose: list[tuple[nn.Module, str]]) -> None:

@@ -250,7 +250,8 @@ class RunDir:
             atomic_write_text(path, "".join(r + "\n" for r in kept))
 
     def write_results(self, summary: dict, weights: dict) -> None:
-        atomic_torch_save(weights, self.path / "final.pt")
+        # host tensors: final.pt loads on any machine, whatever device trained it
+        atomic_torch_save({k: v.detach().cpu() for k, v in weights.items()}, self.path / "final.pt")
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
