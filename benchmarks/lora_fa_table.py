@@ -4,7 +4,7 @@
 A full-rank 32x32 target, rank-4 heads, alpha 8, Adam lr 1e-2, a batch of 256 split over the
 heads, 3000 steps; the relative error of the merged W (lower is better), for heads whose A is
 trained (LTE's default), frozen and kept (plain LoRA-FA), or frozen and re-drawn at every merge
-(lte.prepare(..., activations="lora_fa")).
+(lte.LTEConfig(..., activations="lora_fa")).
 
     python benchmarks/lora_fa_table.py [--steps 3000]      # about a minute on one core
 """
@@ -30,8 +30,8 @@ def relative_error(heads: int, a: str, merge_every: int, steps: int) -> float:
     w_star = torch.randn(32, 32, generator=g) / 32 ** 0.5
     linear = nn.Linear(32, 32, bias=False)
     nn.init.zeros_(linear.weight)
-    model = lte.prepare(linear, lte.LTEConfig(heads=heads, rank=4, alpha=8),
-                        activations="lora_fa" if a == "redrawn" else "full")
+    model = lte.prepare(linear, lte.LTEConfig(heads=heads, rank=4, alpha=8,
+                                              activations="lora_fa" if a == "redrawn" else "full"))
     if a == "kept":
         model.lora_A.requires_grad_(False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -49,7 +49,7 @@ from lte.memory.accounting import SavedTensors
 from lte.models.gpt import gpt
 from lte.train import tasks
 from lte.train.chunks import LocalChunks
-from lte.train.trainer import optimizer_step
+from lte.train.engine import optimizer_step
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,8 +129,8 @@ def worker_model(spec: Spec, opts: dict | None, device) -> tuple[nn.Module, list
         model = spec.build()
     if opts is not None:
         opts = {k: v for k, v in opts.items() if k != "chunks"}
-        core.prepare(model, lte.LTEConfig(heads=spec.heads, rank=spec.rank, alpha=4096), velora_subtoken=spec.velora_m,
-                     **opts)
+        core.prepare(model, lte.LTEConfig(heads=spec.heads, rank=spec.rank, alpha=4096, velora_subtoken=spec.velora_m,
+                                          **opts))
     if device.type == "cuda":
         materialize(model, device)
     model.train()
@@ -141,7 +141,7 @@ def worker_model(spec: Spec, opts: dict | None, device) -> tuple[nn.Module, list
 def materialize(model: nn.Module, device: torch.device) -> None:
     """A meta model made real on the device, layer by layer: an LTE worker never holds its dense fp32
     base, only the payload the server sends (here: the encoding of a random weight)."""
-    layers = dict(core.lte_layers(model)) if hasattr(model, "_lte") else {}
+    layers = dict(core.lte_layers(model)) if core.is_prepared(model) else {}
     model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, core.LTELinear):
@@ -158,8 +158,8 @@ def materialize(model: nn.Module, device: torch.device) -> None:
             layer.bias.zero_()
         core.init.init_lora_A(layer.lora_A, path, 0, 0)
         layer.lora_B.zero_()
-        if layer.velora_v is not None:
-            layer.velora_v.zero_()
+        for t in layer.option_state().values():
+            t.zero_()
     if layers:
         core.reset_heads(model)  # replica stacks from the merged values
 
@@ -196,21 +196,21 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
     chunks = (opts or {}).get("chunks", 1)
     plan = LocalChunks(model, chunks, params, None, meta) if chunks > 1 else None
     shared = [] if plan is None else plan.shared
-    parts, previous = [], None
+    parts, previous, tap = [], None, []
     for c in range(chunks):
         if plan is None:
             resident_tensors = list(model.parameters()) + list(model.buffers())
             trained = params
             arrange = contextlib.nullcontext()
         else:
-            modules = plan._groups(c)
+            modules = plan.resident_modules(c)
             resident_tensors = [t for m in modules for sub in m.modules()
                                 for t in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False))]
             resident_tensors += [t for m in shared for t in list(m.parameters(recurse=False))
                                  + [b for b in m.buffers(recurse=False)]]
             trained = plan.trained[c]
-            plan._tap, plan._input = [], previous if c > 0 else None
-            arrange = plan.arranged(c)
+            tap = []
+            arrange = plan.arranged(c, feed=previous if c > 0 else None, tap=tap)
         with FlopCounterMode(display=False) as flops:
             with arrange, fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
                 loss = tasks.loss(spec.task, model(x), y)
@@ -218,7 +218,7 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
         for p in params:
             p.grad = None
         if plan is not None and c < chunks - 1:
-            previous = plan._tap[0]
+            previous = tap[0]
         state = nbytes(resident_tensors)
         moments = 2 * nbytes(trained)   # AdamW: exp_avg and exp_avg_sq, like the parameter
         grads = nbytes(trained)

@@ -24,7 +24,7 @@ import torch
 import lte
 from lte.models import create_model
 from lte.train.log import peak_memory
-from lte.train.trainer import optimizer_step
+from lte.train.engine import optimizer_step
 
 PRESETS = {
     "cpu": dict(model="vit_digits", img_size=8, in_chans=1, num_classes=10, batch=256, heads=4, rank=8,

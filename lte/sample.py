@@ -43,7 +43,7 @@ def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
     from .data import build_data
     from .train.config import config_from_dict
     from .train.rundir import load_model_state
-    from .train.trainer import build_model
+    from .train.engine import build_model
 
     config_path, weights_path = run_dir / "config.json", run_dir / weights
     if not config_path.is_file():

@@ -15,8 +15,8 @@ S = 2.0  # head scale alpha / rank
 def layer(activations, base="fp32", m=4, reset="b"):
     torch.manual_seed(0)
     lin = nn.Linear(16, 8)
-    model = lte.prepare(lin, lte.LTEConfig(heads=2, rank=3, alpha=3 * S, reset=reset), base=base,
-                        activations=activations, velora_subtoken=m)
+    model = lte.prepare(lin, lte.LTEConfig(heads=2, rank=3, alpha=3 * S, reset=reset, base=base,
+                                           activations=activations, velora_subtoken=m))
     with torch.no_grad():
         model.lora_B.normal_()
     return model
@@ -123,7 +123,7 @@ def test_meaningless_options_are_refused(activations, reset, message):
 def test_velora_width_not_divisible_names_the_layer():
     model = nn.Sequential(nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
     with pytest.raises(lte.ConfigError, match=r"input width 12 of LTE layer '2'.*multiple of 4"):
-        lte.prepare(model, lte.LTEConfig(heads=2), activations="velora", velora_subtoken=8)
+        lte.prepare(model, lte.LTEConfig(heads=2, activations="velora", velora_subtoken=8))
 
 
 # ---- saved-tensor accounting on a small GPT-like stack of LTE linears --------------------------
@@ -158,8 +158,8 @@ class TinyGPT(nn.Module):
 
 def saved_by_layers(activations, base, precision="fp32", m=8):
     torch.manual_seed(0)
-    model = lte.prepare(TinyGPT(), lte.LTEConfig(heads=2, rank=4, alpha=8), base=base, activations=activations,
-                        velora_subtoken=m)
+    model = lte.prepare(TinyGPT(), lte.LTEConfig(heads=2, rank=4, alpha=8, base=base, activations=activations,
+                                                 velora_subtoken=m))
     idx = torch.randint(64, (4, 10))
     inputs = {}  # the input each LTE layer saw, recorded independently of the accounting
     hooks = [mod.register_forward_pre_hook(lambda mod, args, p=p: inputs.__setitem__(p, args[0]))

@@ -51,9 +51,9 @@ def trainable(model):
     ("gpt", "b", "replica", "fp32", "lora_fa"),
 ])
 def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, other, base, activations):
-    cfg = lte.LTEConfig(heads=4, rank=2, alpha=4, reset=reset, other_params=other)
-    compiled_model, eager = (lte.prepare(tiny(name), cfg, base=base, activations=activations, velora_subtoken=4)
-                             for _ in range(2))
+    cfg = lte.LTEConfig(heads=4, rank=2, alpha=4, reset=reset, other_params=other, base=base,
+                        activations=activations, velora_subtoken=4)
+    compiled_model, eager = (lte.prepare(tiny(name), cfg) for _ in range(2))
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(compiled_model, fullgraph=True, backend=counter)  # raises on any graph break
     opts = [torch.optim.AdamW(trainable(m), lr=1e-2) for m in (compiled_model, eager)]

@@ -97,8 +97,8 @@ def test_quantized_bases_encode_on_the_gpu_as_on_the_cpu(fmt):
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
 def test_compiled_step_on_the_gpu_is_one_graph_and_matches_eager(base):
     """Inductor on the GPU (the CPU test uses aot_eager): one frame across merges, eager's numbers."""
-    cfg = lte.LTEConfig(heads=4, rank=2, alpha=4)
-    compiled_model, eager = (lte.prepare(tiny("vit"), cfg, base=base).to(CUDA) for _ in range(2))
+    cfg = lte.LTEConfig(heads=4, rank=2, alpha=4, base=base)
+    compiled_model, eager = (lte.prepare(tiny("vit"), cfg).to(CUDA) for _ in range(2))
     counter = CompileCounterWithBackend("inductor")
     step = torch.compile(compiled_model, fullgraph=True, backend=counter)
     opts = [torch.optim.AdamW(trainable(m), lr=1e-2) for m in (compiled_model, eager)]

@@ -46,12 +46,12 @@ def test_each_chunk_runs_its_blocks_through_the_proxy_and_trains_only_them():
     def run(chunk, h_in=None):
         for p in params:
             p.grad = None
-        chunks._tap, chunks._input = [], h_in
-        with chunks.arranged(chunk):
+        tap = []
+        with chunks.arranged(chunk, feed=h_in, tap=tap):
             out = model(idx)
         out.square().mean().backward()
         got = {n for n, p in model.named_parameters() if p.grad is not None}
-        return out, chunks._tap, got
+        return out, tap, got
 
     names = lambda *prefixes: {n for n, p in model.named_parameters() if n.startswith(prefixes)}  # noqa: E731
     with torch.no_grad():

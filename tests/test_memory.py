@@ -1,5 +1,7 @@
 """Worker base formats: quantized storage, the layer that computes from it, and the protocol that
 ships it, checked against bitsandbytes called directly and against dense reference math."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ def test_worker_base_after_a_round_is_quantize_of_master_bit_for_bit(name):
     import bitsandbytes.functional as bnbf
 
     cfg = lte.LTEConfig(heads=2, rank=2, alpha=4)
-    worker = core.prepare(tiny(), cfg, base=name)
+    worker = core.prepare(tiny(), dataclasses.replace(cfg, base=name))
     master_model = tiny()
     spec, _ = core.plan(master_model, cfg)
     master = {k: v for k, v in master_model.state_dict().items() if k in spec.master_keys()}
@@ -98,7 +100,7 @@ def test_worker_base_after_a_round_is_quantize_of_master_bit_for_bit(name):
         for v in master.values():
             v.add_(0.05 * torch.randn_like(v))
     proto = Protocol(spec, master_shapes(worker), local_heads=2, rank=2, fmt=get_format(name), workers=1,
-                     trained=[])
+                     activations=cfg.activation_option)
     wire = proto.encode_base(master, torch.ones(1, dtype=torch.int64)).clone()
     views = proto.download.unpack(wire)
     core.load_merged(worker, {p: proto.layer_payload(views, p) for p in spec.layers},
@@ -120,7 +122,7 @@ def test_worker_base_after_a_round_is_quantize_of_master_bit_for_bit(name):
 
 
 def test_worker_model_with_quantized_base_cannot_merge_locally():
-    model = core.prepare(tiny(), lte.LTEConfig(heads=2, rank=2, alpha=4), base="nf4")
+    model = core.prepare(tiny(), lte.LTEConfig(heads=2, rank=2, alpha=4, base="nf4"))
     with pytest.raises(lte.ModelError, match="parameter server"):
         lte.merge(model)
     exported = lte.export(model)  # export decodes the base

@@ -12,7 +12,8 @@ import lte
 from lte.models import register
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.trainer import Engine, train
+from lte.train.engine import Engine
+from lte.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")

@@ -18,7 +18,8 @@ from lte.data.vision import Normalize, center_box, random_resized_box
 from lte.errors import ConfigError, DataError
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.trainer import Engine, train
+from lte.train.engine import Engine
+from lte.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")

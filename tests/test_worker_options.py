@@ -91,7 +91,7 @@ def test_server_redraws_the_A_a_lora_fa_worker_trained_with():
                                              "worker.per_rank={2: {activations: lora_fa}}"]), 2)
     torch.manual_seed(0)
     model = core.prepare(create_model("vit_digits", embed_dim=32, depth=2, num_heads=2),
-                         lte.LTEConfig(heads=2, rank=8, alpha=64), first_head=2, activations="lora_fa")
+                         lte.LTEConfig(heads=2, rank=8, alpha=64, activations="lora_fa"), first_head=2)
     protos = worker_protocols(cfg, core.state_of(model).spec, master_shapes(model), 2)
     assert not protos[0].redrawn and protos[1].redrawn
     for merges in range(3):  # the A worker rank 2 (heads 2, 3) holds in round `merges`

@@ -1,10 +1,12 @@
-"""The LTE hyper-parameters that shape a prepared model."""
+"""The LTE hyper-parameters that shape a prepared model, its memory options included."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
 
 from ..errors import ConfigError
+from ..memory import FORMATS, Activations, BaseFormat, check_reset, get_activations, get_format
+from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
 
 RESETS = ("b", "none", "ab")
 OTHER_PARAMS = ("replica", "frozen")
@@ -29,6 +31,16 @@ class LTEConfig:
                   into an LTE linear; other convolutions follow `other_params`.
     seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the
                   same head is initialised the same wherever it runs.
+
+    The memory options of the model that holds these heads (lte.memory; docs/memory.md):
+    base:            how the frozen base weights are stored: fp32 (the default; the model can merge
+                     by itself), bf16, or bitsandbytes nf4 / fp4 / int8 (a worker whose merged base
+                     comes from a parameter server).
+    activations:     what the heads keep for backward: "full", "lora_fa" (A frozen and re-drawn at
+                     every merge) or "velora" (the input kept as sub-tokens of `velora_subtoken`
+                     values projected on one vector; every LTE layer's input width must be a multiple
+                     of it).
+    velora_subtoken: VeLoRA's sub-token size M.
     """
 
     heads: int = 1
@@ -38,11 +50,15 @@ class LTEConfig:
     other_params: str = "replica"
     patch_conv: bool = True
     seed: int = 0
+    base: str = "fp32"
+    activations: str = "full"
+    velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN
 
     def __post_init__(self):
         _require_int(self, "heads", minimum=1)
         _require_int(self, "rank", minimum=1)
         _require_int(self, "seed", minimum=0)
+        _require_int(self, "velora_subtoken", minimum=1)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"LTEConfig.alpha must be a finite number > 0, got {self.alpha!r}")
@@ -53,6 +69,19 @@ class LTEConfig:
                 f"LTEConfig.other_params must be one of {OTHER_PARAMS}, got {self.other_params!r}")
         if not isinstance(self.patch_conv, bool):
             raise ConfigError(f"LTEConfig.patch_conv must be true or false, got {self.patch_conv!r}")
+        if self.base not in FORMATS:
+            raise ConfigError(f"LTEConfig.base must be one of {tuple(FORMATS)}, got {self.base!r}")
+        check_reset(self.activation_option, self.reset, key="LTEConfig.activations")
+
+    @property
+    def activation_option(self) -> Activations:
+        """The activations option object (lte.memory.activations), with its settings."""
+        return get_activations(self.activations, {"velora_subtoken": self.velora_subtoken},
+                               key="LTEConfig.activations")
+
+    def base_format(self) -> BaseFormat:
+        """The base format object (lte.memory.base_formats); quantized ones import bitsandbytes."""
+        return get_format(self.base)
 
     @property
     def scale(self) -> float:

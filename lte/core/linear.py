@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import BatchError
-from ..memory import BaseFormat, get_format
+from ..memory import Activations, BaseFormat, get_activations, get_format
 from ..memory.base_formats import no_autocast
-from ..memory.activations import head_product, init_subtoken_vectors
 
 
 class LTELinear(nn.Module):
@@ -28,12 +27,12 @@ class LTELinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
                  scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None,
-                 activations: str = "full", velora_subtoken: int | None = None):
+                 activations: Activations | None = None):
         super().__init__()
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.heads, self.rank, self.scale = heads, rank, scale
-        self.activations = activations
+        self.activations = activations or get_activations("full")
         self.base = base or get_format("fp32")
         self._parts = tuple(self.base.layout((out_features, in_features)))  # read on every forward
         for part, tensor in self.base.encode(weight.detach().float()).items():
@@ -41,13 +40,13 @@ class LTELinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # The heads are trained in fp32 whatever the base is stored in.
         device = weight.device
-        self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, device=device),
+                                   requires_grad=self.activations.trains_A)
         self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, device=device))
-        if activations == "lora_fa":
-            self.lora_A.requires_grad_(False)
-        # VeLoRA's sub-token vector per head; all zero until the head's first training slice sets it.
-        self.register_buffer("velora_v", torch.zeros(heads, velora_subtoken, device=device)
-                             if activations == "velora" else None)
+        # the option's own state (VeLoRA's sub-token vector per head: zero until a first slice sets it)
+        self._option_state = tuple(self.activations.layer_state(heads))
+        for name, shape in self.activations.layer_state(heads).items():
+            self.register_buffer(name, torch.zeros(shape, device=device))
         self.bias_heads = None
         if bias is not None and train_bias:
             self.bias_heads = nn.Parameter(bias.detach().expand(heads, out_features).clone())
@@ -65,6 +64,10 @@ class LTELinear(nn.Module):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def option_state(self) -> dict[str, torch.Tensor]:
+        """The activations option's buffers, by name (empty for most options)."""
+        return {name: getattr(self, name) for name in self._option_state}
 
     def payload(self) -> dict[str, torch.Tensor]:
         """The stored base weight, by format part ("" is the main tensor)."""
@@ -97,20 +100,17 @@ class LTELinear(nn.Module):
         y = self.base.linear(x, self.payload(), self.shape, frozen_bias)
         A, B = self.factors()
         x3 = x.reshape(n, -1, self.in_features)
-        v = self.velora_v
-        if v is not None and A.requires_grad:
-            init_subtoken_vectors(v, x3)
-        dtype = y.dtype  # the base product's compute dtype (bf16 under autocast)
-        with no_autocast(x):
-            yh = head_product(y.view(n, -1, self.out_features), x3.to(dtype), A.to(dtype), B.to(dtype),
-                              self.scale, v)
+        with no_autocast(x):  # in the base product's compute dtype (bf16 under autocast)
+            yh = self.activations.head_product(y.view(n, -1, self.out_features), x3, A, B, self.scale,
+                                               self.option_state())
         if self.bias_heads is not None:
             yh = yh + self.bias_heads.unsqueeze(1).to(yh.dtype)
         return yh.view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"heads={self.heads}, rank={self.rank}, scale={self.scale:g}, activations={self.activations}")
+                f"heads={self.heads}, rank={self.rank}, scale={self.scale:g}, "
+                f"activations={self.activations.describe()}")
 
 
 class LTEPatchConv(LTELinear):

@@ -43,9 +43,3 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float =
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, warmup=warmup, total=total, min_ratio=min_ratio))

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
-from ..memory import BaseFormat, get_format
-from ..memory.activations import DEFAULT_VELORA_SUBTOKEN, check_activations, check_subtoken
+from ..errors import ModelError
+from ..memory import Activations, BaseFormat
 from .config import LTEConfig
 from .init import init_lora_A
 from .linear import LTELinear, LTEPatchConv, is_patch_conv
@@ -35,13 +34,7 @@ class LTEState:
     spec: MergeSpec
     first_head: int
     base: BaseFormat
-    activations: str = "full"           # lte.memory.activations: full | lora_fa | velora
-    velora_subtoken: int | None = None  # VeLoRA's M
-
-    @property
-    def frozen_A(self) -> bool:
-        """LoRA-FA: A is not trained, and is re-drawn at every merge."""
-        return self.activations == "lora_fa"
+    activations: Activations
 
 
 def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, str]]]:
@@ -78,34 +71,38 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
     return spec, to_replicate
 
 
-def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str = "fp32",
-            activations: str = "full", velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN) -> nn.Module:
+def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Module:
     """Turn `model` into `cfg.heads` LoRA heads, in place, and return it.
 
     first_head is the global index of this model's first head (non-zero on a worker that holds
-    heads k..k+n-1 of a larger run); it only seeds the heads' initialisation. `base` is how the
-    frozen base weights are stored (lte.memory formats); a model whose base is not fp32 cannot
-    merge by itself and receives its merged base from a parameter server. `activations` is what
-    the heads keep for backward (lte.memory.activations): "full", "lora_fa" (A frozen and re-drawn
-    at every merge) or "velora" (the input kept as sub-tokens of `velora_subtoken` values projected
-    on one vector; every LTE layer's input width must be a multiple of it).
+    heads k..k+n-1 of a larger run); it only seeds the heads' initialisation. cfg's memory options
+    say how the frozen base is stored (a model whose base is not fp32 cannot merge by itself and
+    receives its merged base from a parameter server) and what the heads keep for backward.
     """
     if not isinstance(cfg, LTEConfig):
         raise TypeError(f"cfg must be an lte.LTEConfig, got {type(cfg).__name__}")
-    if hasattr(model, "_lte"):
+    if is_prepared(model):
         raise ModelError("model is already prepared for LTE")
-    check_activations(activations, cfg.reset)
     spec, to_replicate = plan(model, cfg)
-    base_format = get_format(base)
-    if activations == "velora":
-        check_subtoken(velora_subtoken)
-        _check_subtoken_divides(model, spec, velora_subtoken)
-    else:
-        velora_subtoken = None
-    layer_kw = dict(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, base=base_format,
-                    train_bias=cfg.other_params == "replica", resetless=cfg.reset == "none",
-                    activations=activations, velora_subtoken=velora_subtoken)
+    base_format, activations = cfg.base_format(), cfg.activation_option
+    activations.check_widths({path or type(model).__name__: model.get_submodule(path).weight[0].numel()
+                              for path in spec.layers})  # a linear's in_features; a patch conv's C*kh*kw
+    root = _swap_layers(model, spec, cfg, first_head, base=base_format, activations=activations)
+    _replicate(root, to_replicate, cfg.heads)
+    root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
+    root._lte = LTEState(cfg, spec, first_head, base_format, activations)
+    if cfg.other_params == "frozen":
+        trained = {id(t) for t in head_state(root).values()}
+        for param in root.parameters():
+            if id(param) not in trained:
+                param.requires_grad_(False)
+    return root
 
+
+def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: int, **layer_kw) -> nn.Module:
+    """Every planned layer replaced by an LTE layer; the root (the new layer if the model was one)."""
+    layer_kw.update(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, train_bias=cfg.other_params == "replica",
+                    resetless=cfg.reset == "none")
     root = model
     for path in spec.layers:
         old = model.get_submodule(path)
@@ -122,27 +119,27 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0, base: str 
             setattr(model.get_submodule(parent), child, new)
         else:
             root = new  # the model itself was a single nn.Linear
+    return root
 
+
+def _replicate(root: nn.Module, to_replicate: list[tuple[str, str]], heads: int) -> None:
+    """Per-head copies of the other parameters: a leaf module runs per head under vmap; a parameter of
+    a module with children is shadowed per sample by the root's batch split (lte.core.replica)."""
     loose, leaf_params = [], {}
     for path, pname in to_replicate:
         owner = root.get_submodule(path)
         if next(owner.children(), None) is None:
             leaf_params.setdefault(path, []).append(pname)
         else:
-            replicate(owner, pname, cfg.heads)
+            replicate(owner, pname, heads)
             loose.append((owner, pname))
     for path, names in leaf_params.items():
-        make_headwise(root.get_submodule(path), names, cfg.heads)
+        make_headwise(root.get_submodule(path), names, heads)
+    split_batches(root, heads, loose)
 
-    split_batches(root, cfg.heads, loose)
-    root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
-    root._lte = LTEState(cfg, spec, first_head, base_format, activations, velora_subtoken)
-    if cfg.other_params == "frozen":
-        trained = {id(t) for t in head_state(root).values()}
-        for param in root.parameters():
-            if id(param) not in trained:
-                param.requires_grad_(False)
-    return root
+
+def is_prepared(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_lte", None), LTEState)
 
 
 def state_of(model: nn.Module) -> LTEState:
@@ -157,18 +154,25 @@ def lte_layers(model: nn.Module) -> list[tuple[str, LTELinear]]:
 
 
 def trained_keys(model: nn.Module) -> list[str]:
-    """The per-head tensors an optimizer trains (without A under LoRA-FA)."""
+    """The per-head tensors an optimizer trains (without A when the activations option freezes it)."""
     state = state_of(model)
-    return state.spec.trained_keys(state.frozen_A)
+    return state.spec.trained_keys(frozen_A=not state.activations.trains_A)
 
 
-VELORA_KEY = "velora_v"
+def option_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LTE layer's activations-option buffers (VeLoRA's sub-token vectors, heads x M), by
+    state_dict key; empty for options that keep none."""
+    return {_join(path, name): t for path, layer in lte_layers(model) for name, t in layer.option_state().items()}
 
 
-def velora_vectors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LTE layer's VeLoRA sub-token vectors (heads x M), by state_dict key; empty unless velora."""
-    return {_join(path, VELORA_KEY): layer.velora_v for path, layer in lte_layers(model)
-            if layer.velora_v is not None}
+def merges_done(model: nn.Module) -> int:
+    """How many merges the model's heads have been through (a head's A draw counts them)."""
+    return int(getattr(model, MERGES_KEY))
+
+
+def set_merges_done(model: nn.Module, merges: int) -> None:
+    """Take the merge count of a run that resumes (the server's, for a worker)."""
+    getattr(model, MERGES_KEY).fill_(merges)
 
 
 def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -184,7 +188,7 @@ def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
     of a parameter server receives them from the server instead.
     """
     state = state_of(model)
-    if state.base.name != "fp32":
+    if not state.base.holds_master:
         raise ModelError(f"this model stores its base as {state.base.name}; it cannot hold the fp32 "
                          "master weights a merge updates (a parameter server holds them)")
     sd = model.state_dict(keep_vars=True)
@@ -212,9 +216,9 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
     """
     state = state_of(model)
     cfg = state.cfg
-    draw = int(getattr(model, MERGES_KEY))
+    draw = merges_done(model)
     idx = slice(None) if heads is None else torch.tensor(heads, dtype=torch.long)
-    redraw = (cfg.reset == "ab" or state.frozen_A) if redraw is None else redraw
+    redraw = (cfg.reset == "ab" or state.activations.redraws_A) if redraw is None else redraw
     for path, layer in lte_layers(model):
         if cfg.reset == "none" and not redraw:
             layer.lora_A0[idx] = layer.lora_A[idx]
@@ -279,7 +283,7 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
     Progress made by the heads since the last merge is not included: merge first.
     """
     state = state_of(model)
-    skip = set(state.spec.head_keys()) | set(velora_vectors(model)) | {MERGES_KEY}
+    skip = set(state.spec.head_keys()) | set(option_state(model)) | {MERGES_KEY}
     for path, layer in lte_layers(model):
         skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False) if name.startswith("weight_")}
     out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
@@ -314,18 +318,3 @@ def _check_replicable(model, path, module, pname, param) -> None:
             f"cannot replicate parameter '{name}' per head: it belongs to a module with submodules "
             f"and has shape {tuple(param.shape)} with no leading batch-broadcast dimension of 1; move "
             "it into a leaf module or use LTEConfig(other_params='frozen')")
-
-
-def _check_subtoken_divides(model: nn.Module, spec: MergeSpec, m: int) -> None:
-    widths = {}
-    for path in spec.layers:
-        module = model.get_submodule(path)
-        widths[path] = module.weight[0].numel()  # a linear's in_features; a patch conv's C*kh*kw
-    bad = [p for p, w in widths.items() if w % m]
-    if bad:
-        import math
-
-        common = math.gcd(*widths.values())
-        raise ConfigError(f"velora_subtoken={m} does not divide the input width {widths[bad[0]]} of LTE layer "
-                          f"'{bad[0] or type(model).__name__}' (VeLoRA cuts each input token into sub-tokens of "
-                          f"M values); every LTE layer's width is a multiple of {common}: pick an M that divides it")

@@ -94,7 +94,8 @@ class DataBundle:
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"DataBundle.workers must be an integer >= 0, got {self.workers!r}")
         if self.device_transform is not None and not callable(self.device_transform):
-            raise ValueError(f"DataBundle.device_transform must be callable, got {type(self.device_transform).__name__}")
+            raise ValueError("DataBundle.device_transform must be callable, got "
+                             f"{type(self.device_transform).__name__}")
         if len(self.train) < 1:
             raise ValueError("the training set is empty")
         if len(self.eval) < 1:

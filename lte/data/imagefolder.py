@@ -45,7 +45,8 @@ def read_class_list(classes: str) -> tuple[list[str], str]:
     return names, str(path)
 
 
-def scan_split(split_dir: Path, classes: list[str] | None, listed_in: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def scan_split(split_dir: Path, classes: list[str] | None,
+               listed_in: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(class names, relative paths as bytes, labels) of one split; one-line errors for what is missing."""
     if classes is None:
         classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
@@ -67,7 +68,8 @@ def scan_split(split_dir: Path, classes: list[str] | None, listed_in: str | None
         paths += [os.fsencode(f"{name}/{f}") for f in files]
         labels += [label] * len(files)
     # numpy arrays, not lists of str: cheap to pickle to worker processes and not copied on fork
-    return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int16 if len(classes) < 2**15 else np.int32)
+    label_dtype = np.int16 if len(classes) < 2**15 else np.int32
+    return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=label_dtype)
 
 
 class ImageFiles(ImageSet):

@@ -88,7 +88,8 @@ class ImageSet:
     open(i) -> PIL image (and what to call sample i in an error message)."""
 
     def __init__(self, *, train: bool, image_size: int, crop_fraction: float, fast_decode: bool):
-        self.train, self.image_size, self.crop_fraction, self.fast_decode = train, image_size, crop_fraction, fast_decode
+        self.train, self.image_size = train, image_size
+        self.crop_fraction, self.fast_decode = crop_fraction, fast_decode
 
     labels: np.ndarray
 

@@ -24,6 +24,12 @@ from ..errors import UserError
 ALIGN = 8  # every entry starts 8-byte aligned, so a slice can be viewed as any dtype
 
 
+def bytes_per_step(per_rank: list[dict], steps: int) -> float:
+    """Training bytes one rank sent and received per step, averaged over the ranks' counters given
+    (Exchange.counters rows: a parameter server's workers, or every DDP rank)."""
+    return sum(r["bytes_sent"] + r["bytes_received"] for r in per_rank) / len(per_rank) / max(steps, 1)
+
+
 class PeerError(UserError):
     """A collective failed or timed out: a peer died, hung or could not be reached."""
 

@@ -15,9 +15,10 @@ from ..data import build_data
 from ..errors import ConfigError, UserError
 from ..train.config import Config
 from ..train.log import RunLog
+from ..train.engine import Engine
 from ..train.rundir import RunDir, Start
-from ..train.trainer import Engine, Trainer
-from .comm import Exchange
+from ..train.trainer import Trainer
+from .comm import Exchange, bytes_per_step
 from .env import DistEnv
 
 
@@ -33,12 +34,14 @@ class DDPTrainer(Trainer):
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange, rundir: RunDir | None):
         if cfg.train.batch_size % env.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {env.world} DDP ranks")
+        def wrap(model):
+            ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+            ddp.register_comm_hook(exchange, _counting_allreduce)
+            return ddp
+
         data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
         engine = Engine(cfg, data, env.device, heads=None, streams=range(env.rank, env.rank + 1),
-                        per_stream=cfg.train.batch_size // env.world)
-        ddp = DistributedDataParallel(engine.model, device_ids=[env.device] if env.device.type == "cuda" else None)
-        ddp.register_comm_hook(exchange, _counting_allreduce)
-        engine.forward = torch.compile(ddp) if cfg.train.compile else ddp
+                        per_stream=cfg.train.batch_size // env.world, wrap=wrap)
         super().__init__(cfg, engine, rundir)
         self.exchange = exchange
 
@@ -54,11 +57,8 @@ class DDPTrainer(Trainer):
         per_rank = self.exchange.counters()
         if per_rank is None:
             return {}
-        steps = max(self.step, 1)
-        return {"ranks": self.exchange.world, "comm": {
-            "per_rank": per_rank,
-            "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in per_rank)
-            / len(per_rank) / steps}}
+        return {"ranks": self.exchange.world,
+                "comm": {"per_rank": per_rank, "bytes_per_step_per_worker": bytes_per_step(per_rank, self.step)}}
 
 
 def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:

@@ -23,8 +23,7 @@ import torch
 
 from ..core.init import init_lora_A
 from ..core.merge import HEADS_SUFFIX, MergeSpec, key
-from ..core.prepare import VELORA_KEY
-from ..memory import BaseFormat, get_format
+from ..memory import Activations, BaseFormat
 from .comm import Layout
 
 STATS = ("loss", "compute_s")  # what each worker reports about its round
@@ -47,40 +46,47 @@ def head_shapes(spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], head
 
 
 class Protocol:
-    """The messages of one worker. frozen_A: LoRA-FA (A not uploaded, not trained); velora_subtoken:
-    the worker's VeLoRA M (its sub-token vectors are part of its checkpoint state); chunks: local
-    chunks, whose per-chunk losses ride along with the round statistics."""
+    """The messages of one worker, from its options: `activations` (an A it does not train is not
+    uploaded, and the server re-draws it; the option's layer buffers are part of its checkpoint
+    state) and `chunks` (local chunks, whose per-chunk losses ride along with the round statistics)."""
 
     def __init__(self, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], *, local_heads: int,
-                 rank: int, fmt: BaseFormat, workers: int, trained: list[str], frozen_A: bool = False,
-                 velora_subtoken: int | None = None, chunks: int = 1):
-        self.spec, self.fmt, self.frozen_A, self.chunks = spec, fmt, frozen_A, chunks
+                 rank: int, fmt: BaseFormat, workers: int, activations: Activations, chunks: int = 1):
+        self.spec, self.fmt, self.chunks = spec, fmt, chunks
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
         self.layer_shapes = {layer: _as_matrix(master_shapes[key(layer, "weight")]) for layer in spec.layers}
+        frozen_A = not activations.trains_A
         self.redrawn = {key(layer, "lora_A"): layer for layer in spec.layers} if frozen_A else {}
         self.uploaded = [k for k in self.heads if k not in self.redrawn]
+        self.trained = spec.trained_keys(frozen_A)
         self.stats_size = len(STATS) + (chunks if chunks > 1 else 0)  # then each chunk's mean loss
         self.upload = Layout([(k, self.heads[k], torch.float32) for k in self.uploaded]
                              + [("stats", (self.stats_size,), torch.float64)])
+        self.download = Layout(self._download_entries(master_shapes, workers))
+        self.option_state = [(key(layer, name), shape) for layer in spec.layers
+                             for name, shape in activations.layer_state(local_heads).items()]
+        self.state = Layout(self._state_entries())
+
+    def _download_entries(self, master_shapes, workers: int) -> list:
         entries = []
         for layer, shape in self.layer_shapes.items():
-            for part, (pshape, dtype) in fmt.layout(shape).items():
+            for part, (pshape, dtype) in self.fmt.layout(shape).items():
                 entries.append((_payload_key(layer, part), pshape, dtype))
-        entries += [(name, master_shapes[name], torch.float32) for name in spec.replicas]
+        entries += [(name, master_shapes[name], torch.float32) for name in self.spec.replicas]
         entries.append(("accepted", (workers,), torch.int64))
-        self.download = Layout(entries)
-        # checkpoint state of one worker: heads, AdamW moments and step of each trained tensor, RNG
+        return entries
+
+    def _state_entries(self) -> list:
+        """A worker's checkpoint state: heads, AdamW moments and step of each trained tensor, the
+        activations option's buffers, RNG and byte counters."""
         state = [(k, s, torch.float32) for k, s in self.heads.items()]
-        for k in trained:
+        for k in self.trained:
             state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
                       (f"{k}.step", (), torch.float32)]
-        self.velora = ([(key(layer, VELORA_KEY), (local_heads, velora_subtoken)) for layer in spec.layers]
-                       if velora_subtoken else [])
-        state += [(k, s, torch.float32) for k, s in self.velora]
+        state += [(k, s, torch.float32) for k, s in self.option_state]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
         state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
-        self.state = Layout(state)
-        self.trained = trained
+        return state
 
     def factors(self, upload: dict[str, torch.Tensor], *, seed: int, first_head: int, draw: int) -> dict:
         """A worker's head tensors as the merge takes them: its upload, plus A re-drawn for LoRA-FA
@@ -138,13 +144,10 @@ def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, .
     """One Protocol per worker (rank w+1 at index w), from its worker.* options."""
     out = []
     for w in range(workers):
-        opts = cfg.worker_options(w + 1)
-        frozen_A = opts.activations == "lora_fa"
-        trained = spec.trained_keys(frozen_A)
+        heads_cfg = cfg.lte_config(w + 1)
         out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
-                            fmt=get_format(opts.base_dtype), workers=workers, trained=trained, frozen_A=frozen_A,
-                            velora_subtoken=opts.velora_subtoken if opts.activations == "velora" else None,
-                            chunks=opts.chunks))
+                            fmt=heads_cfg.base_format(), workers=workers, activations=heads_cfg.activation_option,
+                            chunks=cfg.worker_options(w + 1).chunks))
     return out
 
 

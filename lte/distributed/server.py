@@ -2,9 +2,11 @@
 the run's summary. It never trains.
 
 Its master weights are the parameters of a plain instance of the user's model, so evaluating and
-exporting the master is just using that model. A round: gather every worker's factors, leave out
-workers whose upload is not finite, W += (s/N) sum_n B_n A_n over the heads kept (one matmul per
-layer, the same function the simulated trainer uses), average the replicas, re-quantize, send.
+exporting the master is just using that model. A round (ParameterServer.round) is named steps:
+collect_uploads (every worker's factors; a worker whose upload is not finite is left out), merge
+(W += (s/N) sum_n B_n A_n over the heads kept, one matmul per layer, the function the simulated
+trainer uses; replicas averaged), encode and send (re-quantized per format), log_round, and the
+checkpoint the round clock asks for; the loop's state is one Progress object.
 The server holds the run directory (lte.train.rundir): the workers' state reaches its checkpoints
 through the checkpoint upload, and goes back to them on a restart. Workers may differ
 (worker.per_rank): the merge takes every head's A and B the same way however its worker trained
@@ -14,17 +16,19 @@ store and sent to each worker in its own.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import core
 from ..data import build_data
 from ..errors import UserError
+from ..train.clock import RoundClock
 from ..train.config import Config
+from ..train.engine import build_model, eval_batches, evaluate
 from ..train.log import RunLog, peak_memory, progress_line
 from ..train.rundir import RunDir, Start, load_model_state
-from ..train.trainer import build_model, eval_batches, evaluate
-from .comm import Exchange
+from .comm import Exchange, bytes_per_step
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
 from .protocol import STATS, format_groups, worker_protocols
@@ -32,9 +36,49 @@ from .protocol import STATS, format_groups, worker_protocols
 PHASES = ("compute_s", "upload_s", "merge_s", "download_s")
 
 
+@dataclass
+class Progress:
+    """The server loop's state: where the run is, and what its checkpoints and summary report."""
+
+    step: int
+    merges: int
+    rejected: int = 0             # heads whose update was not finite, over the whole run
+    last_eval: dict = field(default_factory=dict)
+    earlier: dict = field(default_factory=lambda: {"wall_s": 0.0, "attempts": 0})  # attempts before this one
+    totals: dict = field(default_factory=lambda: {"rounds_timed": 0, **dict.fromkeys(PHASES, 0.0)})
+    wall0: float = field(default_factory=time.perf_counter)
+    round_end: float = 0.0        # when the previous round's download finished
+
+    @classmethod
+    def resumed(cls, control: Control, state: dict) -> Progress:
+        earlier = state.get("totals", {"wall_s": 0.0, "attempts": 0, "rounds_timed": 0, **dict.fromkeys(PHASES, 0.0)})
+        progress = cls(control.step, control.merges, state.get("rejected_heads", 0), state.get("last_eval", {}),
+                       earlier={"wall_s": earlier["wall_s"], "attempts": earlier["attempts"]},
+                       totals={k: v for k, v in earlier.items() if k not in ("wall_s", "attempts")})
+        progress.round_end = progress.wall0
+        return progress
+
+    def wall_s(self) -> float:
+        return self.earlier["wall_s"] + time.perf_counter() - self.wall0
+
+    def running_totals(self) -> dict:
+        """The totals a checkpoint keeps: phase times, and wall time and attempts so far."""
+        return {**self.totals, "wall_s": self.wall_s(), "attempts": self.earlier["attempts"] + 1}
+
+
+@dataclass
+class Uploads:
+    """One round's uploads, unpacked: every worker's tensors and whether its update was finite."""
+
+    views: list[dict[str, torch.Tensor]]
+    accepted: torch.Tensor   # 1 per worker whose factors are all finite
+    seconds: float           # the gather's wall time
+
+
 class ParameterServer:
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
         self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.clock = RoundClock.of(cfg)
         self.workers = env.world - 1
         self.error: UserError | None = None
         self.rundir = RunDir(cfg)
@@ -46,7 +90,7 @@ class ParameterServer:
             self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.model = build_model(cfg, self.data, env.device)  # same seed: same init as the workers
             self.eval_set = eval_batches(cfg, self.data, env.device)
-            spec, _ = core.plan(self.model, cfg.lte_config())
+            spec, _ = core.plan(self.model, cfg.lte_config())  # what a merge touches (no memory options)
             sd = self.model.state_dict(keep_vars=True)
             self.master = {k: sd[k] for k in spec.master_keys()}  # views: merging updates the model
             self.protos = worker_protocols(cfg, spec, {k: tuple(v.shape) for k, v in self.master.items()},
@@ -103,149 +147,165 @@ class ParameterServer:
 
     # the loop ----------------------------------------------------------------------------
     def train(self, control: Control) -> dict:
-        cfg, ex, protos = self.cfg, self.exchange, self.protos
-        k, steps, T, batch = cfg.worker.heads, cfg.train.steps, cfg.lte.merge_every, cfg.train.batch_size
+        progress = self.begin(control)
+        while progress.step < self.cfg.train.steps:
+            self.round(progress)
+        return self.finish(progress)
+
+    def begin(self, control: Control) -> Progress:
+        """Restore a resumed run (the workers' state back to them), send the first base, say what runs."""
         state = self.start.state or {}
-        state_sizes, upload_sizes = [p.state.nbytes for p in protos], [p.upload.nbytes for p in protos]
-        head_keys = list(protos[0].heads)
         if control.resume:
-            ex.scatter([p.state.pack(w) for p, w in zip(protos, state["workers"])], state_sizes,
-                       "the checkpoint restore", checkpoint=True)
+            self.exchange.scatter([p.state.pack(w) for p, w in zip(self.protos, state["workers"])],
+                                  [p.state.nbytes for p in self.protos], "the checkpoint restore", checkpoint=True)
             torch.set_rng_state(state["rng"])
-            ex.add(state["comm"])
-        everyone = torch.ones(self.workers, dtype=torch.int64)
-        last_download = self.encode(everyone)
-        self.send(last_download, "the initial base download")
-
-        log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     wandb_mode=cfg.log.wandb_mode)
+            self.exchange.add(state["comm"])
+        self.last_download = self.encode(torch.ones(self.workers, dtype=torch.int64))
+        self.send(self.last_download, "the initial base download")
+        cfg = self.cfg
+        self.log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                          wandb_mode=cfg.log.wandb_mode)
         if control.resume:
-            log.say(f"resumed from {self.start.path} at step {control.step}")
-        log.say(self.describe())
-        step, merges = control.step, control.merges
-        earlier = state.get("totals", {"wall_s": 0.0, "attempts": 0, "rounds_timed": 0, **dict.fromkeys(PHASES, 0.0)})
-        rejected, totals = state.get("rejected_heads", 0), dict(earlier)
-        last_eval, wall0 = state.get("last_eval", {}), time.perf_counter()
-        round_end = wall0
+            self.log.say(f"resumed from {self.start.path} at step {control.step}")
+        self.log.say(self.describe())
+        return Progress.resumed(control, state)
 
-        def collect(what: str):
-            """The workers' state for a checkpoint, and the byte counters just before it was sent."""
-            snapshot = ex.snapshot()  # taken before the state upload, as the workers take theirs
-            return snapshot, ex.gather(None, state_sizes, what, checkpoint=True)
+    def round(self, progress: Progress) -> None:
+        """One round: collect the uploads, merge, encode and send, then log, evaluate, checkpoint."""
+        steps = self.clock.round_steps(progress.step)
+        if self.cfg.dist.sync_phases:  # wait out the workers' compute so upload_s is the transfer alone
+            self.exchange.barrier("the pre-upload barrier")
+        uploads = self.collect_uploads(progress.merges + 1)
+        t1 = time.perf_counter()
+        self.merge(uploads, progress)
+        self.last_download = self.encode(uploads.accepted)
+        t2 = time.perf_counter()
+        self.send(self.last_download, f"the download of round {progress.merges + 1}")
+        t3 = time.perf_counter()
+        progress.step, progress.merges = progress.step + steps, progress.merges + 1
+        times = {"upload_s": uploads.seconds, "merge_s": t2 - t1, "download_s": t3 - t2}
+        self.log_round(progress, uploads, times, steps, t3)
+        if self.clock.checkpoints(progress.step):  # the last step's comes with the summary
+            self.checkpoint(progress, *self.collect_state(f"the checkpoint upload of round {progress.merges}"))
+        progress.round_end = time.perf_counter()
 
-        def write(snapshot, states, **extra) -> None:
-            running = {**totals, "wall_s": earlier["wall_s"] + time.perf_counter() - wall0,
-                       "attempts": earlier["attempts"] + 1}
-            self.rundir.save_checkpoint({
-                "master": self.model.state_dict(), "merges": merges, "rejected_heads": rejected,
-                "rng": torch.get_rng_state(), "comm": snapshot, "totals": running, "last_eval": last_eval,
-                "workers": [{n: t.clone() for n, t in p.state.unpack(b).items()} for p, b in zip(protos, states)],
-                **extra}, step)
+    def collect_uploads(self, round_no: int) -> Uploads:
+        t0 = time.perf_counter()
+        bufs = self.exchange.gather(None, [p.upload.nbytes for p in self.protos], f"the upload of round {round_no}")
+        seconds = time.perf_counter() - t0
+        views = [p.upload.unpack(buf) for p, buf in zip(self.protos, bufs)]
+        accepted = torch.tensor([int(all(torch.isfinite(v[n]).all() for n in p.uploaded))
+                                 for p, v in zip(self.protos, views)])
+        return Uploads(views, accepted, seconds)
 
-        while step < steps:
-            round_steps = min(T, steps - step)
-            if cfg.dist.sync_phases:  # wait out the workers' compute so upload_s is the transfer alone
-                ex.barrier("the pre-upload barrier")
-            t0 = time.perf_counter()
-            uploads = ex.gather(None, upload_sizes, f"the upload of round {merges + 1}")
-            t1 = time.perf_counter()
-            views = [p.upload.unpack(buf) for p, buf in zip(protos, uploads)]
-            accepted = torch.tensor([int(all(torch.isfinite(v[n]).all() for n in p.uploaded))
-                                     for p, v in zip(protos, views)])
-            kept = [p.factors(v, seed=cfg.seed, first_head=w * k, draw=merges)
-                    for w, (p, v, ok) in enumerate(zip(protos, views, accepted)) if ok]
-            if kept:
-                heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in head_keys}
-                core.merge_into(self.master, heads, protos[0].spec)
-            bad = [w + 1 for w, ok in enumerate(accepted) if not ok]
-            if bad:
-                rejected += k * len(bad)
-                log.say(f"round {merges + 1}: rejected the non-finite update of worker rank(s) {bad}; "
-                        "their heads restart")
-            last_download = self.encode(accepted)
-            t2 = time.perf_counter()
-            self.send(last_download, f"the download of round {merges + 1}")
-            t3 = time.perf_counter()
-            step, merges = step + round_steps, merges + 1
-            kept_stats = [v["stats"][:len(STATS)] for v, ok in zip(views, accepted) if ok]
-            stats = torch.stack(kept_stats) if kept_stats else torch.full((1, len(STATS)), float("nan"))
-            chunk_losses = {str(w + 1): v["stats"][len(STATS):].tolist()  # local chunks: each chunk's mean loss
-                            for w, (p, v) in enumerate(zip(protos, views)) if p.chunks > 1}
-            times = {"compute_s": stats[:, 1].mean().item(), "upload_s": t1 - t0, "merge_s": t2 - t1,
-                     "download_s": t3 - t2}
-            for name in PHASES:
-                totals[name] += times[name]
-            totals["rounds_timed"] += 1
+    def merge(self, uploads: Uploads, progress: Progress) -> None:
+        """W += (s/N) sum B A over the accepted workers' heads (the same merge as simulated heads)."""
+        k, protos = self.cfg.worker.heads, self.protos
+        kept = [p.factors(v, seed=self.cfg.seed, first_head=w * k, draw=progress.merges)
+                for w, (p, v, ok) in enumerate(zip(protos, uploads.views, uploads.accepted)) if ok]
+        if kept:
+            heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in protos[0].heads}
+            core.merge_into(self.master, heads, protos[0].spec)
+        bad = [w + 1 for w, ok in enumerate(uploads.accepted) if not ok]
+        if bad:
+            progress.rejected += k * len(bad)
+            self.log.say(f"round {progress.merges + 1}: rejected the non-finite update of worker rank(s) {bad}; "
+                         "their heads restart")
 
-            row = {"loss": stats[:, 0].mean().item(), "merges": merges, "rejected_heads": rejected,
-                   "samples_per_s": round_steps * batch / max(t3 - round_end, 1e-9),
-                   **{f"round_{n}": v for n, v in times.items()}}
-            if chunk_losses:
-                row["chunk_losses"] = chunk_losses
-            evaluated = step == steps or (cfg.eval.every and merges % cfg.eval.every == 0)
-            if evaluated:
-                last_eval = evaluate(self.model, self.eval_set, self.data.task, self.env.device,
-                                     cfg.train.precision)
-                row.update({f"eval_{n}": v for n, v in last_eval.items()})
-            if cfg.checkpoint.every and merges % cfg.checkpoint.every == 0 and step < steps:
-                write(*collect(f"the checkpoint upload of round {merges}"))  # the last step's comes below
-            if evaluated or step // cfg.train.log_every != (step - round_steps) // cfg.train.log_every:
-                log.log(step, row)
-                log.say(progress_line(step, steps, row))
-            round_end = time.perf_counter()
+    def log_round(self, progress: Progress, uploads: Uploads, times: dict, steps: int, now: float) -> None:
+        """The round's row (loss and compute time as the accepted workers report them), with the
+        evaluation the clock asks for."""
+        views = [v for v, ok in zip(uploads.views, uploads.accepted) if ok]
+        stats = (torch.stack([v["stats"][:len(STATS)] for v in views]) if views
+                 else torch.full((1, len(STATS)), float("nan")))
+        times = {"compute_s": stats[:, 1].mean().item(), **times}
+        for name in PHASES:
+            progress.totals[name] += times[name]
+        progress.totals["rounds_timed"] += 1
+        row = {"loss": stats[:, 0].mean().item(), "merges": progress.merges, "rejected_heads": progress.rejected,
+               "samples_per_s": steps * self.cfg.train.batch_size / max(now - progress.round_end, 1e-9),
+               **{f"round_{n}": times[n] for n in PHASES}}
+        chunk_losses = {str(w + 1): v["stats"][len(STATS):].tolist()  # local chunks: each chunk's mean loss
+                        for w, (p, v) in enumerate(zip(self.protos, uploads.views)) if p.chunks > 1}
+        if chunk_losses:
+            row["chunk_losses"] = chunk_losses
+        if self.clock.evaluates(progress.step):
+            progress.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.env.device,
+                                          self.cfg.train.precision)
+            row.update({f"eval_{n}": v for n, v in progress.last_eval.items()})
+        if self.clock.logs(progress.step, since=progress.step - steps):
+            self.log.log(progress.step, row)
+            self.log.say(progress_line(progress.step, self.cfg.train.steps, row))
 
-        expected = {}  # each worker must hold the server's last encoding in its own format
-        for members, buf in zip(self.members, last_download):
-            p = protos[members[0]]
+    # checkpoints and the end -------------------------------------------------------------
+    def collect_state(self, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The workers' state for a checkpoint, and the byte counters just before it was sent."""
+        snapshot = self.exchange.snapshot()  # taken before the state upload, as the workers take theirs
+        return snapshot, self.exchange.gather(None, [p.state.nbytes for p in self.protos], what, checkpoint=True)
+
+    def checkpoint(self, progress: Progress, snapshot: torch.Tensor, states: list[torch.Tensor], **extra) -> None:
+        workers = [{n: t.clone() for n, t in p.state.unpack(b).items()} for p, b in zip(self.protos, states)]
+        self.rundir.save_checkpoint({
+            "master": self.model.state_dict(), "merges": progress.merges, "rejected_heads": progress.rejected,
+            "rng": torch.get_rng_state(), "comm": snapshot, "totals": progress.running_totals(),
+            "last_eval": progress.last_eval, "workers": workers, **extra}, progress.step)
+
+    def check_bases(self) -> list[int]:
+        """Worker ranks whose final base differs from the server's last encoding in their format."""
+        expected = {}
+        for members, buf in zip(self.members, self.last_download):
+            p = self.protos[members[0]]
             expected.update({w: p.base_digest(p.download.unpack(buf)) for w in members})
-        digests = [int(DIGEST.unpack(b)["digest"][0]) for b in ex.gather(None, DIGEST.nbytes, "the final base check")]
-        final_state = collect("the final checkpoint upload")
-        mismatched = [w + 1 for w, d in enumerate(digests) if d != expected[w]]
+        digests = [int(DIGEST.unpack(b)["digest"][0])
+                   for b in self.exchange.gather(None, DIGEST.nbytes, "the final base check")]
+        return [w + 1 for w, d in enumerate(digests) if d != expected[w]]
+
+    def finish(self, progress: Progress) -> dict:
+        mismatched = self.check_bases()
+        final_state = self.collect_state("the final checkpoint upload")
         if mismatched:
-            log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
-        per_rank = ex.counters()
-        wall = earlier["wall_s"] + time.perf_counter() - wall0
-        workers = [r for r in per_rank if r["rank"] != 0]
+            self.log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
+        summary = self.summarize(progress, self.exchange.counters(), mismatched)
+        self.rundir.write_results(summary, self.model.state_dict())
+        self.checkpoint(progress, *final_state, finished=True, summary=summary)
+        self.log.finish(summary)
+        self.log.say(f"summary: eval {progress.last_eval}, {progress.merges} merges, {progress.rejected} rejected "
+                     f"heads, {summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
+        return summary
+
+    def summarize(self, progress: Progress, per_rank: list[dict], mismatched: list[int]) -> dict:
+        cfg, protos, step = self.cfg, self.protos, progress.step
+        batch, wall = cfg.train.batch_size, progress.wall_s()
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        options = [cfg.worker_options(w + 1) for w in range(self.workers)]
-        summary = {
-            "mode": "ps", "steps": step, "samples_seen": step * batch, "merges": merges, "eval": last_eval,
-            "wall_s": wall, "samples_per_s": step * batch / max(wall, 1e-9), "attempts": earlier["attempts"] + 1,
-            **peak_memory(self.env.device), "device": str(self.env.device), "heads": cfg.lte.heads,
-            "workers": self.workers, "worker_heads": k, "base_dtype": cfg.worker.base_dtype,
-            "worker_options": [{"rank": w + 1, "base_dtype": o.base_dtype, "activations": o.activations,
-                                "velora_subtoken": o.velora_subtoken if o.activations == "velora" else None,
-                                "chunks": o.chunks, "upload_bytes_per_round": p.upload.nbytes,
-                                "download_bytes_per_round": p.download.nbytes}
-                               for w, (o, p) in enumerate(zip(options, protos))],
-            "rejected_heads": rejected, "base_check": "mismatch" if mismatched else "match",
-            "round_time": {n: totals[n] / max(totals["rounds_timed"], 1) for n in PHASES},
+        return {
+            "mode": "ps", "steps": step, "samples_seen": step * batch, "merges": progress.merges,
+            "eval": progress.last_eval, "wall_s": wall, "samples_per_s": step * batch / max(wall, 1e-9),
+            "attempts": progress.earlier["attempts"] + 1, **peak_memory(self.env.device),
+            "device": str(self.env.device), "heads": cfg.lte.heads, "workers": self.workers,
+            "worker_heads": cfg.worker.heads, "base_dtype": cfg.worker.base_dtype,
+            "worker_options": [self.worker_summary(w) for w in range(self.workers)],
+            "rejected_heads": progress.rejected, "base_check": "mismatch" if mismatched else "match",
+            "round_time": {n: progress.totals[n] / max(progress.totals["rounds_timed"], 1) for n in PHASES},
             "comm": {"per_rank": per_rank,
-                     "bytes_per_step_per_worker": sum(r["bytes_sent"] + r["bytes_received"] for r in workers)
-                     / len(workers) / max(step, 1),
+                     "bytes_per_step_per_worker": bytes_per_step([r for r in per_rank if r["rank"] != 0], step),
                      # per worker, averaged over the workers (they differ when worker.per_rank mixes options)
                      "upload_bytes_per_round": mean([p.upload.nbytes for p in protos]),
                      "download_bytes_per_round": mean([p.download.nbytes for p in protos]),
                      # per step once started: without the start-up handshake and first base download
-                     "steady_bytes_per_step_per_worker": mean([p.upload.nbytes + p.download.nbytes for p in protos]) / T},
+                     "steady_bytes_per_step_per_worker":
+                         mean([p.upload.nbytes + p.download.nbytes for p in protos]) / cfg.lte.merge_every},
         }
-        self.rundir.write_results(summary, {n: t.detach().clone() for n, t in self.model.state_dict().items()})
-        write(*final_state, finished=True, summary=summary)
-        log.finish(summary)
-        log.say(f"summary: eval {last_eval}, {merges} merges, {rejected} rejected heads, "
-                f"{summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
-        return summary
+
+    def worker_summary(self, w: int) -> dict:
+        o, p = self.cfg.worker_options(w + 1), self.protos[w]
+        return {"rank": w + 1, "base_dtype": o.base_dtype, "activations": o.activation_option().describe(),
+                "chunks": o.chunks, "upload_bytes_per_round": p.upload.nbytes,
+                "download_bytes_per_round": p.download.nbytes}
 
     def describe(self) -> str:
         cfg = self.cfg
-        workers = []
-        for w, p in enumerate(self.protos):
-            o = cfg.worker_options(w + 1)
-            extra = "".join([f", velora M={o.velora_subtoken}" if o.activations == "velora" else "",
-                             ", lora_fa" if o.activations == "lora_fa" else "",
-                             f", {o.chunks} chunks" if o.chunks > 1 else ""])
-            workers.append(f"rank {w + 1}: base {o.base_dtype}{extra}, upload {p.upload.nbytes:,} B and download "
-                           f"{p.download.nbytes:,} B per round")
+        workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {p.upload.nbytes:,} B "
+                   f"and download {p.download.nbytes:,} B per round" for w, p in enumerate(self.protos)]
         return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
                 f"{cfg.lte.merge_every} steps; {cfg.model.name} on {cfg.data.name}, batch {cfg.train.batch_size}, "

@@ -15,9 +15,10 @@ from .. import core, faults
 from ..core.merge import key
 from ..data import build_data
 from ..errors import UserError
-from ..memory import check_runs_on, get_format
+from ..memory import check_runs_on
+from ..train.clock import RoundClock
 from ..train.config import Config
-from ..train.trainer import Engine
+from ..train.engine import Engine
 from .comm import Exchange
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control
@@ -41,13 +42,13 @@ class Worker:
         k, n = cfg.worker.heads, cfg.lte.heads
         self.heads = range(self.index * k, (self.index + 1) * k)  # global head indices
         self.error: UserError | None = None
+        self.clock = RoundClock.of(cfg)
         try:
-            fmt = get_format(self.options.base_dtype)
-            check_runs_on(fmt, env.device)
+            heads_cfg = cfg.lte_config(env.rank)
+            check_runs_on(heads_cfg.base_format(), env.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.engine = Engine(cfg, data, env.device, heads=self.heads, streams=self.heads,
-                                 per_stream=cfg.train.batch_size // n, base=self.options.base_dtype,
-                                 options=self.options)
+                                 per_stream=cfg.train.batch_size // n, lte=heads_cfg, chunks=self.options.chunks)
         except UserError as exc:
             self.error = exc
             return
@@ -93,7 +94,7 @@ class Worker:
             tensors[f"{k}.exp_avg"] = st.get("exp_avg", zeros)
             tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
             tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
-        tensors.update(core.velora_vectors(self.engine.model))
+        tensors.update(core.option_state(self.engine.model))
         tensors["rng"] = torch.get_rng_state()
         tensors["comm"] = self.exchange.snapshot()
         self.exchange.gather(self.proto.state.pack(tensors), [p.state.nbytes for p in self.protos],
@@ -103,7 +104,7 @@ class Worker:
     def load_state(self, buf: torch.Tensor, step: int) -> None:
         views = self.proto.state.unpack(buf)
         heads = self.head_tensors()
-        for k, t in {**heads, **core.velora_vectors(self.engine.model)}.items():
+        for k, t in {**heads, **core.option_state(self.engine.model)}.items():
             t.copy_(views[k])
         opt = self.engine.optimizer
         fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
@@ -118,41 +119,59 @@ class Worker:
 
     # the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        cfg, ex, proto = self.cfg, self.exchange, self.proto
         control = self.hello()
         if control.finished:
             return  # the run in out_dir is done; the server says so
+        self.begin(control)
+        rounds = control.merges
+        while self.engine.step < self.cfg.train.steps:
+            rounds += 1
+            loss, compute_s = self.train_round()
+            self.upload(rounds, loss, compute_s)
+            self.install(rounds)
+            if self.clock.checkpoints(self.engine.step):
+                self.upload_state()
+        self.finish()
+
+    def begin(self, control: Control) -> None:
+        """The state of a resumed run, then the server's base (and replicas to start from)."""
         engine = self.engine
         if control.resume:
-            self.load_state(ex.scatter(None, [p.state.nbytes for p in self.protos], "the checkpoint restore",
-                                       checkpoint=True), control.step)
-            getattr(engine.model, core.MERGES_KEY).fill_(control.merges)
+            self.load_state(self.exchange.scatter(None, [p.state.nbytes for p in self.protos],
+                                                  "the checkpoint restore", checkpoint=True), control.step)
+            core.set_merges_done(engine.model, control.merges)
         self.receive_base("the initial base download")
         if not control.resume:
             core.reset_heads(engine.model)  # replica copies start from the server's values
         engine.model.train()
-        steps, rounds = cfg.train.steps, control.merges
-        uploads = [p.upload.nbytes for p in self.protos]
-        while engine.step < steps:
-            t0 = time.perf_counter()
-            losses = list(engine.train_round(min(cfg.lte.merge_every, steps - engine.step)))
-            loss = torch.stack(losses).mean().item()  # waits for the device
-            compute_s = time.perf_counter() - t0
-            rounds += 1
-            if cfg.dist.sync_phases:
-                ex.barrier("the pre-upload barrier")
-            heads = self.head_tensors()
-            faults.before_upload(self.env.rank, rounds, {k: heads[k] for k in proto.uploaded})
-            chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
-            stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
-            ex.gather(proto.upload.pack({**heads, "stats": stats}), uploads, f"the upload of round {rounds}")
-            accepted = self.receive_base(f"the download of round {rounds}")
-            core.finish_merge(engine.model, engine.optimizer)
-            if not accepted:
-                core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
-            if cfg.checkpoint.every and rounds % cfg.checkpoint.every == 0 and engine.step < steps:
-                self.upload_state()
-        digest = proto.base_digest(proto.worker_base(engine.model))
-        ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+
+    def train_round(self) -> tuple[float, float]:
+        """A round of training: its mean loss and its compute seconds."""
+        engine, t0 = self.engine, time.perf_counter()
+        losses = list(engine.train_round(self.clock.round_steps(engine.step)))
+        loss = torch.stack(losses).mean().item()  # waits for the device
+        return loss, time.perf_counter() - t0
+
+    def upload(self, rounds: int, loss: float, compute_s: float) -> None:
+        if self.cfg.dist.sync_phases:
+            self.exchange.barrier("the pre-upload barrier")
+        heads, engine = self.head_tensors(), self.engine
+        faults.before_upload(self.env.rank, rounds, {k: heads[k] for k in self.proto.uploaded})
+        chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
+        stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
+        self.exchange.gather(self.proto.upload.pack({**heads, "stats": stats}), [p.upload.nbytes for p in self.protos],
+                             f"the upload of round {rounds}")
+
+    def install(self, rounds: int) -> None:
+        """The merged base, then the heads reset for the next round (restarted if rejected)."""
+        engine = self.engine
+        accepted = self.receive_base(f"the download of round {rounds}")
+        core.finish_merge(engine.model, engine.optimizer)
+        if not accepted:
+            core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
+
+    def finish(self) -> None:
+        digest = self.proto.base_digest(self.proto.worker_base(self.engine.model))
+        self.exchange.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
         self.upload_state()  # for the final checkpoint, which a longer run continues from
-        ex.counters()
+        self.exchange.counters()

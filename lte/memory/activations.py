@@ -9,7 +9,7 @@ The input x is what costs memory; the options differ in what they keep of it:
   full     x and x A^T, as plain LoRA does (autograd's bmm/baddbmm).
   lora_fa  A is frozen (LoRA-FA): there is no dA, so only x A^T is kept, never x. In LTE a frozen
            A must be re-drawn at every merge, or the merged weights would only ever move inside the
-           fixed span of the heads' A rows (README: the least-squares table); lte.core.reset_heads
+           fixed span of the heads' A rows (docs/memory.md: the least-squares table); lte.core.reset_heads
            does that, and the parameter server re-draws the same A itself from (seed, layer, head,
            draw), so a LoRA-FA worker uploads B only.
   velora   VeLoRA: x is cut into sub-tokens of M values, each stored as its projection z = <x_g, v>
@@ -17,50 +17,155 @@ The input x is what costs memory; the options differ in what they keep of it:
            Backward rebuilds x^ = z v^T for dA; dB and dx stay exact. v is the normalised mean
            sub-token of the head's first training slice, then frozen; it is a buffer of the layer
            ("velora_v", heads x M), so checkpoints and parameter-server workers agree on it.
+
+Each option is one class answering what the rest of the code asks (does A train, is it re-drawn at
+a merge, what extra state a layer keeps, which resets it refuses, how it describes itself, the head
+product); `ACTIVATIONS` is the registry a name is looked up in. A new option is one class and one
+registry line.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError
 
-ACTIVATIONS = ("full", "lora_fa", "velora")
 # Sub-token size M: the VeLoRA paper's choice for pre-training from scratch (its section 4.5, LLaMA
 # 60M and 130M on C4, d_model 256-768). Its fine-tuning runs use smaller M (16 for ViT-B and
 # RoBERTa-base adapters, 32 for LLaMA-7B); a smaller M keeps more of x.
 DEFAULT_VELORA_SUBTOKEN = 128
+VELORA_KEY = "velora_v"
 
 
-def check_activations(activations: str, reset: str, *, key: str = "activations", reset_key: str = "reset") -> None:
-    """Refuse an unknown option, or a combination that means nothing, saying why."""
-    if isinstance(activations, str) and "lora_fa" in activations and "velora" in activations:
-        raise ConfigError(f"{key}={activations!r}: VeLoRA cannot be combined with LoRA-FA: with A frozen there "
-                          "is no A gradient, so the layer input it would compress is not kept at all; use "
-                          "lora_fa or velora")
-    if activations not in ACTIVATIONS:
-        raise ConfigError(f"{key} must be one of {ACTIVATIONS}, got {activations!r}")
-    if activations == "lora_fa" and reset == "none":
-        raise ConfigError(f"{key}=lora_fa cannot run with {reset_key}=none: LoRA-FA freezes A, and in LTE a frozen A "
-                          "must be re-drawn at every merge (a kept frozen A confines the weights to the span of "
-                          "the heads' A rows), while reset=none keeps A and B across merges; use reset=b or ab")
+class Activations:
+    """An activation option: what the heads of every LTE layer keep for backward."""
+
+    name: ClassVar[str] = ""
+    trains_A: ClassVar[bool] = True    # False: A is frozen; autograd keeps x A^T, never x
+    redraws_A: ClassVar[bool] = False  # A is drawn afresh at every merge
+    # options it cannot be combined with, and why
+    excludes: ClassVar[dict[type[Activations], str]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # A frozen A is never uploaded: the parameter server re-draws it from (seed, layer, head,
+        # merges), which is the A the worker holds only if the worker re-draws it at every merge too.
+        if not cls.trains_A and not cls.redraws_A:
+            raise TypeError(f"activations option {cls.__name__}: a frozen A must be re-drawn at every merge")
+
+    @classmethod
+    def configured(cls, settings: Mapping) -> Activations:
+        """The option with its settings (LTEConfig's option fields); most options have none."""
+        return cls()
+
+    def reset_refusal(self, reset: str) -> str | None:
+        """Why this option cannot run with LTEConfig.reset=`reset`; None if it can."""
+        return None
+
+    def layer_state(self, heads: int) -> dict[str, tuple[int, ...]]:
+        """Extra buffers every LTE layer keeps (name: shape), zero at first; they travel in the
+        state_dict, checkpoints and a worker's state, never in an export."""
+        return {}
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Refuse LTE layers (path: input width) the option cannot run on."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def head_product(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                     state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """y + s x A^T B^T per head (y: heads x rows x out, x: heads x rows x in), in y's dtype;
+        `state` holds the layer's buffers named by layer_state()."""
+        dtype = y.dtype
+        return torch.baddbmm(y, torch.bmm(x.to(dtype), A.to(dtype).transpose(1, 2)), B.to(dtype).transpose(1, 2),
+                             alpha=scale)
 
 
-def check_subtoken(m, *, key: str = "velora_subtoken") -> None:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {m!r}")
+class Full(Activations):
+    """x and x A^T, as plain LoRA keeps them."""
+
+    name = "full"
 
 
-def head_product(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                 v: torch.Tensor | None = None) -> torch.Tensor:
-    """y + s x A^T B^T per head (y: heads x rows x out, x: heads x rows x in); VeLoRA if v is given.
+class LoraFA(Activations):
+    """LoRA-FA: A frozen, so only x A^T is kept. With A frozen, autograd's bmm keeps A, not x:
+    the same ops as `full` (tests/test_activations.py checks what is saved)."""
 
-    full and lora_fa are the same autograd ops: with A frozen, autograd's bmm keeps A, not x
-    (tests/test_activations.py checks what is saved).
-    """
-    if v is None or not A.requires_grad:  # nothing needs x when A is frozen (e.g. a chunk's proxy)
-        return torch.baddbmm(y, torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2), alpha=scale)
-    out, _, _ = _VeLoRAHead.apply(y, x, A, B, v, scale)
-    return out
+    name = "lora_fa"
+    trains_A = False
+    redraws_A = True  # a kept frozen A confines the merged weights to the span of its rows
+
+    def reset_refusal(self, reset):
+        if reset == "none":
+            return ("LoRA-FA freezes A, and in LTE a frozen A must be re-drawn at every merge (a kept frozen A "
+                    "confines the weights to the span of the heads' A rows), while reset=none keeps A and B "
+                    "across merges; use reset=b or ab")
+        return None
+
+
+class VeLoRA(Activations):
+    """x kept as one number per sub-token of M values: its projection on the head's vector v."""
+
+    name = "velora"
+    excludes = {LoraFA: "VeLoRA cannot be combined with LoRA-FA: with A frozen there is no A gradient, so the "
+                        "layer input it would compress is not kept at all; use lora_fa or velora"}
+
+    def __init__(self, subtoken: int = DEFAULT_VELORA_SUBTOKEN):
+        self.subtoken = subtoken
+
+    @classmethod
+    def configured(cls, settings):
+        return cls(settings.get("velora_subtoken", DEFAULT_VELORA_SUBTOKEN))
+
+    def layer_state(self, heads):
+        return {VELORA_KEY: (heads, self.subtoken)}
+
+    def check_widths(self, widths):
+        m = self.subtoken
+        bad = [p for p, w in widths.items() if w % m]
+        if bad:
+            raise ConfigError(f"velora_subtoken={m} does not divide the input width {widths[bad[0]]} of LTE layer "
+                              f"'{bad[0]}' (VeLoRA cuts each input token into sub-tokens of M values); every LTE "
+                              f"layer's width is a multiple of {math.gcd(*widths.values())}: pick an M that divides it")
+
+    def describe(self):
+        return f"velora (M={self.subtoken})"
+
+    def head_product(self, y, x, A, B, scale, state):
+        if not A.requires_grad:  # nothing needs x when A is frozen (e.g. a chunk's proxy)
+            return super().head_product(y, x, A, B, scale, state)
+        v = state[VELORA_KEY]
+        init_subtoken_vectors(v, x)
+        dtype = y.dtype
+        out, _, _ = _VeLoRAHead.apply(y, x.to(dtype), A.to(dtype), B.to(dtype), v, scale)
+        return out
+
+
+ACTIVATIONS: dict[str, type[Activations]] = {cls.name: cls for cls in (Full, LoraFA, VeLoRA)}
+
+
+def get_activations(name: str, settings: Mapping | None = None, *, key: str = "activations") -> Activations:
+    """The option called `name`, configured with `settings`; an unknown name is refused, and a
+    combination of options that exclude each other is refused saying why."""
+    cls = ACTIVATIONS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        named = [c for n, c in ACTIVATIONS.items() if isinstance(name, str) and n in name]
+        for c in named:
+            for other, why in c.excludes.items():
+                if other in named:
+                    raise ConfigError(f"{key}={name!r}: {why}")
+        raise ConfigError(f"{key} must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return cls.configured(settings or {})
+
+
+def check_reset(option: Activations, reset: str, *, key: str = "activations", reset_key: str = "reset") -> None:
+    why = option.reset_refusal(reset)
+    if why:
+        raise ConfigError(f"{key}={option.name} cannot run with {reset_key}={reset}: {why}")
 
 
 @torch.no_grad()

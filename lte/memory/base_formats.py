@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ BLOCKSIZE_4BIT = 64
 class BaseFormat(ABC):
     name: str = ""
     quantized: bool = False
+    holds_master: bool = False  # stores an fp32 weight exactly, so a merge can update it in place
 
     @abstractmethod
     def layout(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -51,9 +53,9 @@ class BaseFormat(ABC):
 
 
 class Dense(BaseFormat):
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+        self.holds_master = dtype == torch.float32
 
     def layout(self, shape):
         return {"": (tuple(shape), self.dtype)}
@@ -79,8 +81,7 @@ class FourBit(BaseFormat):
     quantized = True
 
     def __init__(self, quant_type: str):
-        import bitsandbytes.functional as bnbf
-
+        bnbf = _bitsandbytes(quant_type)
         self.name = self.quant_type = quant_type
         # The 16-entry code table, built once; a plain attribute (not a per-device cache that a
         # first call fills in) so a compiled step does not recompile after its first call.
@@ -116,6 +117,9 @@ class Int8(BaseFormat):
     """bitsandbytes LLM.int8 vector-wise quantization: int8 weights with one absmax scale per row."""
 
     name, quantized = "int8", True
+
+    def __init__(self):
+        _bitsandbytes(self.name)
 
     def layout(self, shape):
         return {"": (tuple(shape), torch.int8), "scale": ((shape[0],), torch.float32)}
@@ -166,24 +170,33 @@ def no_autocast(x: torch.Tensor):
     return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
 
 
-FORMATS = ("fp32", "bf16", "nf4", "fp4", "int8")
+def _bitsandbytes(name: str):
+    """bitsandbytes.functional, or a one-line refusal of format `name` without it."""
+    # On CPU bitsandbytes warns that an optional fused 4-bit GEMM kernel is missing; we never call
+    # it (the weight is decoded, then multiplied), so the warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:
+        raise ConfigError(f"base format {name} needs bitsandbytes, which did not import ({exc})") from None
+    return bnbf
+
+
+# The registry: a new format is a class and a line here.
+FORMATS: dict[str, Callable[[], BaseFormat]] = {
+    "fp32": lambda: Dense("fp32", torch.float32),
+    "bf16": lambda: Dense("bf16", torch.bfloat16),
+    "nf4": lambda: FourBit("nf4"),
+    "fp4": lambda: FourBit("fp4"),
+    "int8": Int8,
+}
 
 
 def get_format(name: str) -> BaseFormat:
-    if name == "fp32":
-        return Dense(torch.float32)
-    if name == "bf16":
-        return Dense(torch.bfloat16)
-    if name in ("nf4", "fp4", "int8"):
-        # On CPU bitsandbytes warns that an optional fused 4-bit GEMM kernel is missing; we never
-        # call it (the weight is decoded, then multiplied), so the warning is noise.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(f"base format {name} needs bitsandbytes, which did not import ({exc})") from None
-        return FourBit(name) if name != "int8" else Int8()
-    raise ConfigError(f"unknown base format {name!r}; known: {FORMATS}")
+    make = FORMATS.get(name)
+    if make is None:
+        raise ConfigError(f"unknown base format {name!r}; known: {tuple(FORMATS)}")
+    return make()
 
 
 def check_runs_on(fmt: BaseFormat, device: torch.device) -> None:

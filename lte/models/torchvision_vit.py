@@ -47,7 +47,7 @@ class LinearAttention(nn.Module):
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.batch_first, bias=mha.in_proj_bias is not None,
                   kdim=mha.kdim, vdim=mha.vdim)
         with torch.no_grad():
-            if mha._qkv_same_embed_dim:
+            if mha.in_proj_weight is not None:  # one packed q, k, v projection
                 q, k, v = mha.in_proj_weight.chunk(3)
             else:
                 q, k, v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
@@ -121,7 +121,8 @@ def _tv_vit(name: str):
             attention_dropout=attention_dropout))
 
     build.__name__ = name
-    build.__doc__ = f"torchvision's VisionTransformer, {layers} layers, {heads} heads, {hidden}/{mlp}, attention of nn.Linear."
+    build.__doc__ = (f"torchvision's VisionTransformer, {layers} layers, {heads} heads, {hidden}/{mlp}, "
+                     "attention of nn.Linear.")
     return register(build)
 
 

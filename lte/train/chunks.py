@@ -113,7 +113,9 @@ class LocalChunks:
         return stem, head, shared
 
     # placement --------------------------------------------------------------------------
-    def _groups(self, chunk: int) -> list[list[nn.Module]]:
+    def resident_modules(self, chunk: int) -> list[nn.Module]:
+        """The modules chunk `chunk` runs: its blocks, the output head, the proxy's f_L (before the
+        last chunk) and the stem (in the first)."""
         last = self.count - 1
         resident = [self.blocks[j] for j in self.ranges[chunk]] + self.head
         if chunk < last:
@@ -128,7 +130,7 @@ class LocalChunks:
         if not self.offload:
             return
         everything = self.stem + self.blocks + self.head
-        resident = {id(m) for m in (everything if chunk is None else self._groups(chunk))}
+        resident = {id(m) for m in (everything if chunk is None else self.resident_modules(chunk))}
         trained = {id(p) for p in (self.params if chunk is None else self.trained[chunk])}
         host = torch.device("cpu")
         for module in everything:
@@ -154,8 +156,13 @@ class LocalChunks:
 
     # running one chunk ------------------------------------------------------------------
     @contextlib.contextmanager
-    def arranged(self, chunk: int):
-        """The model's forward, for the length of the block, runs chunk `chunk` and its proxy."""
+    def arranged(self, chunk: int, feed: torch.Tensor | None = None, tap: list[torch.Tensor] | None = None):
+        """The model's forward, for the length of the block, runs chunk `chunk` and its proxy.
+
+        feed: the input of the chunk's first block (the previous chunk's cached output; chunks
+        after the first). tap: a list the chunk's output is appended to, detached (in host memory
+        on a GPU), for the next chunk (chunks before the last)."""
+        self._input, self._tap = feed, tap
         last = self.count - 1
         r = self.ranges[chunk]
         patched = []
@@ -187,6 +194,7 @@ class LocalChunks:
         try:
             yield
         finally:
+            self._input = self._tap = None
             for p in self.params:
                 p.requires_grad_(True)
             for h in hooks:
@@ -202,7 +210,7 @@ class LocalChunks:
 
         def forward(self_, x, *args, **kwargs):
             out = inner(chunks._input if first else x, *args, **kwargs)
-            if end:
+            if end and chunks._tap is not None:
                 chunks._tap.append(out.detach().to("cpu") if chunks.offload else out.detach())
             return out
         return forward
@@ -244,11 +252,9 @@ class LocalChunks:
                                    else (x, y))
                 else:
                     x, y = batches[j]
-                self._tap = outputs
-                self._input = None if cache is None else cache[j].to(self.device, non_blocking=True)
-                with self.arranged(chunk):  # entered per step: the caller runs its own code between steps
+                feed = None if cache is None else cache[j].to(self.device, non_blocking=True)
+                with self.arranged(chunk, feed=feed, tap=outputs):  # per step: the caller runs code between steps
                     loss = engine.step_on(x, y, start + j, advance=last)
-                self._tap = self._input = None
                 losses.append(loss)
                 if last:
                     if j == steps - 1:  # read at the round's end; a .item() per step would sync the device

@@ -17,8 +17,8 @@ import yaml
 
 from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
 from ..errors import ConfigError
-from ..memory import FORMATS
-from ..memory.activations import DEFAULT_VELORA_SUBTOKEN, check_activations
+from ..memory import FORMATS, check_reset, get_activations
+from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
 
 MODES = ("lte", "full", "ps", "ddp")
 PRECISIONS = ("fp32", "bf16")
@@ -56,6 +56,18 @@ class WorkerCfg:                 # what each worker process holds (mode=lte: the
     velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN  # VeLoRA's sub-token size M
     chunks: int = 1              # local-chunk training: the model's blocks in this many chunks (1 = off)
     per_rank: dict = field(default_factory=dict)  # mode=ps: {worker rank: {key: value}} overrides of the keys above
+
+    def activation_option(self):
+        return get_activations(self.activations, {"velora_subtoken": self.velora_subtoken})
+
+    def describe(self, base: bool = False) -> str:
+        """These options in a few words, for the run's first log line ("" when all are off)."""
+        parts = [f"base {self.base_dtype}"] if base else []
+        if self.activations != WorkerCfg.activations:
+            parts.append(self.activation_option().describe())
+        if self.chunks > 1:
+            parts.append(f"{self.chunks} local chunks")
+        return ", ".join(parts)
 
 
 PER_RANK_KEYS = ("base_dtype", "activations", "velora_subtoken", "chunks")
@@ -120,10 +132,17 @@ class Config:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     log: LogCfg = field(default_factory=LogCfg)
 
-    def lte_config(self) -> LTEConfig:
+    def lte_config(self, rank: int | None = None) -> LTEConfig:
+        """The LTEConfig of the heads one process holds: rank None, mode=lte's simulated heads (all
+        lte.heads, base fp32: that model holds the master it merges into); rank r, worker r of
+        mode=ps (worker.heads heads, its worker.* options with its worker.per_rank overrides)."""
+        o = self.worker_options(rank)
+        heads = self.lte.heads if rank is None else self.worker.heads
         try:
-            return LTEConfig(heads=self.lte.heads if self.lte.heads is not None else 1, rank=self.lte.rank, alpha=self.lte.alpha,
-                             reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed)
+            return LTEConfig(heads=heads if heads is not None else 1, rank=self.lte.rank, alpha=self.lte.alpha,
+                             reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed,
+                             base="fp32" if rank is None else o.base_dtype, activations=o.activations,
+                             velora_subtoken=o.velora_subtoken)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
 
@@ -273,10 +292,10 @@ def validate(cfg: Config) -> None:
            "must be offline, online or disabled", cfg.log.wandb_mode)
     _check(lt.heads is not None or cfg.mode == "ps", "lte.heads", "must be set (it may be null only in mode=ps)",
            lt.heads)
-    cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     _check(cfg.worker.heads is None or cfg.worker.heads >= 1, "worker.heads", "must be >= 1 or null",
            cfg.worker.heads)
-    _validate_worker(cfg)
+    _validate_worker(cfg)  # before lte_config(), which would name the worker's options lte.*
+    cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
            cfg.dist.backend)
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)
@@ -287,8 +306,9 @@ def validate(cfg: Config) -> None:
 
 
 def _check_worker_options(w: WorkerCfg, cfg: Config, prefix: str) -> None:
-    _check(w.base_dtype in FORMATS, prefix + "base_dtype", f"must be one of {FORMATS}", w.base_dtype)
-    check_activations(w.activations, cfg.lte.reset, key=prefix + "activations", reset_key="lte.reset")
+    _check(w.base_dtype in FORMATS, prefix + "base_dtype", f"must be one of {tuple(FORMATS)}", w.base_dtype)
+    option = get_activations(w.activations, key=prefix + "activations")
+    check_reset(option, cfg.lte.reset, key=prefix + "activations", reset_key="lte.reset")
     _check(w.velora_subtoken >= 1, prefix + "velora_subtoken", "must be >= 1", w.velora_subtoken)
     _check(w.chunks >= 1, prefix + "chunks", "must be >= 1 (1: no local chunks)", w.chunks)
     if w.chunks > 1 and cfg.train.compile:
@@ -300,7 +320,7 @@ def _validate_worker(cfg: Config) -> None:
     w = cfg.worker
     _check_worker_options(w, cfg, "worker.")
     lte_heads = cfg.mode in ("lte", "ps")
-    if not lte_heads and (w.activations != "full" or w.chunks != 1):
+    if not lte_heads and (w.activations != WorkerCfg.activations or w.chunks != 1):
         raise ConfigError(f"worker.activations and worker.chunks apply to LTE heads (mode=lte or ps); "
                           f"mode={cfg.mode} trains full-rank")
     if w.per_rank and cfg.mode != "ps":
@@ -344,7 +364,8 @@ def resolve_heads(cfg: Config, workers: int) -> Config:
         raise ConfigError(f"lte.heads={n} must equal workers x worker.heads = {workers} x {k} = {workers * k}")
     beyond = sorted(int(r) for r in cfg.worker.per_rank if int(r) > workers)
     if beyond:
-        raise ConfigError(f"worker.per_rank names worker rank {beyond[0]}, but this run's workers are ranks 1..{workers}")
+        raise ConfigError(f"worker.per_rank names worker rank {beyond[0]}, but this run's workers are ranks "
+                          f"1..{workers}")
     if cfg.train.batch_size % n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into lte.heads={n} "
                           "equal per-head batches; make it a multiple of lte.heads")

@@ -1,0 +1,193 @@
+"""The engine every mode shares: the model one process trains, its batch streams, its optimizer and
+its step, plus building the run's model, evaluating it and picking the device.
+
+The single-process trainer (lte.train.trainer), a DDP rank and a parameter-server worker
+(lte.distributed) each hold one Engine; the server uses build_model / evaluate on its master.
+The learning rate is a pure function of the step (cosine with warm-up), set on the optimizer's
+param groups before every step: nothing about the schedule is saved, seeked or restored.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import core
+from ..data import EvalBatches, HeadBatches, TrainBatches
+from ..errors import ConfigError
+from ..models import create_model
+from .chunks import LocalChunks
+from .config import Config
+from .rundir import load_model_state
+from .tasks import Metrics, loss as task_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: Config, data, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
+    model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
+    check_fits(model, data)
+    return model.to(device)
+
+
+def check_fits(model: nn.Module, data) -> None:
+    """Refuse a model too small for its data, before anything trains: a vocabulary missing some of
+    the data's token ids, or a position table shorter than the data's windows (models and data
+    sets that state a vocab_size / block_size; others are not checked)."""
+    vocab, model_vocab = data.model_args.get("vocab_size"), getattr(model, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(model_vocab, int) and model_vocab < vocab:
+        raise ConfigError(f"model.args.vocab_size: the model's vocabulary of {model_vocab} tokens is smaller than "
+                          f"the data's ({vocab}); leave it unset to take the data's, or make it >= {vocab}")
+    block, model_block = getattr(data.train, "block_size", None), getattr(model, "block_size", None)
+    if isinstance(block, int) and isinstance(model_block, int) and block > model_block:
+        raise ConfigError(f"data.args.block_size={block} is larger than the model's block_size={model_block} "
+                          "(model.args.block_size)")
+
+
+def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
+    """The evaluation set of a run: eval.batches batches of eval.batch_size (all of it if null)."""
+    e = cfg.eval
+    return EvalBatches(data.eval, e.batch_size, None if e.batches is None else e.batches * e.batch_size,
+                       workers=data.workers, device=device, transform=data.device_transform)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: EvalBatches, task: str, device: torch.device, precision: str) -> dict:
+    """The task's metrics over the evaluation batches, with the merged weights only."""
+    was_training = model.training
+    model.eval()
+    metrics = Metrics(task)
+    for x, y in batches:  # already on the device
+        with autocast(device, precision):
+            outputs = model(x)
+        metrics.add(outputs, y)
+    model.train(was_training)
+    return metrics.result()
+
+
+def optimizer_step(forward, params, optimizer, x, y, *, task: str, heads: int, grad_clip: float,
+                   device: torch.device, precision: str) -> torch.Tensor:
+    """Forward, backward, clip and step. With heads > 1 (a prepared model) the clip is per head;
+    with one head, per-head and global clipping are the same thing."""
+    with autocast(device, precision):
+        outputs = forward(x)
+    loss = task_loss(task, outputs, y)
+    # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
+    (loss * heads).backward()
+    if grad_clip > 0:
+        if heads > 1:
+            core.clip_grad_norm_per_head_(params, grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class Engine:
+    """What one process trains: its model (plain, or prepared with some of the run's heads), the
+    batch streams that feed it, and its optimizer. Shared by every mode.
+
+    heads:   global indices of the LTE heads this process holds, or None for full-rank training.
+    lte:     the LTEConfig of those heads (their count, rank, memory options); None for full-rank.
+    streams: the batch streams this process draws from, per_stream samples each per step; an LTE
+             head's stream is its own global index, so a head sees the same batches everywhere.
+    chunks:  local-chunk training (lte.train.chunks) in this many chunks; 1: off.
+    wrap:    wraps the model for the forward pass (DDP's DistributedDataParallel); compiled after.
+    """
+
+    def __init__(self, cfg: Config, data, device: torch.device, *, heads: range | None, streams: range,
+                 per_stream: int, lte: core.LTEConfig | None = None, chunks: int = 1,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = build_model(cfg, data, device)
+        if heads is not None:
+            core.prepare(self.model, lte, first_head=heads.start)
+        self.heads = heads
+        self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
+                                                            data.sampling),
+                                    steps=cfg.train.steps, workers=data.workers, device=device,
+                                    transform=data.device_transform)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.base_lr = cfg.head_lr if heads is not None else t.lr
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_at(0), weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")  # one kernel per step on a GPU
+        forward = self.model if wrap is None else wrap(self.model)
+        self.forward = torch.compile(forward) if t.compile else forward
+        self.chunks = LocalChunks(self.model, chunks, self.params, self.optimizer, device) if chunks > 1 else None
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warm-up, then cosine decay."""
+        t = self.cfg.train
+        return self.base_lr * core.cosine_with_warmup(step, warmup=t.warmup_steps, total=t.steps,
+                                                      min_ratio=t.min_lr_ratio)
+
+    def train_round(self, steps: int):
+        """Train one round of `steps` steps; yields each step's loss as its step completes (with
+        local chunks: the last chunk's steps, every earlier chunk having run its steps by then)."""
+        if self.chunks is None:
+            for _ in range(steps):
+                yield self.train_step()
+        else:
+            yield from self.chunks.round(self, steps)
+
+    def train_step(self) -> torch.Tensor:
+        return self.step_on(*self.batches.get(self.step))
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor, step: int | None = None, advance: bool = True) -> torch.Tensor:
+        """One optimizer step on (x, y) at the learning rate of `step` (default: the current step);
+        `advance` moves the step counter on (a local chunk before the last does not)."""
+        t = self.cfg.train
+        lr = self.lr_at(self.step if step is None else step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
+        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
+                              heads=1 if self.heads is None else len(self.heads),
+                              grad_clip=t.grad_clip, device=self.device, precision=t.precision)
+        if advance:
+            self.step += 1
+        return loss
+
+    @contextlib.contextmanager
+    def resident(self):
+        """Everything on the device (evaluation) even if local chunks keep most of it in host memory."""
+        if self.chunks is not None:
+            self.chunks.place(None)
+        yield
+
+    def seek(self, step: int) -> None:
+        """Continue at `step`: the data streams and the learning rate are functions of the step alone."""
+        self.step = step
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "rng": torch.get_rng_state()}
+
+    def restore(self, state: dict, path=None) -> None:
+        load_model_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+
+    def final_weights(self) -> dict:
+        """The trained model as a plain state_dict (merged weights for LTE)."""
+        return core.export(self.model) if self.heads is not None else {
+            k: v.detach().clone() for k, v in self.model.state_dict().items()}
