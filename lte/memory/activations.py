@@ -9,7 +9,7 @@ The input x is what costs memory; the options differ in what they keep of it:
   full     x and x A^T, as plain LoRA does (autograd's bmm/baddbmm).
   lora_fa  A is frozen (LoRA-FA): there is no dA, so only x A^T is kept, never x. In LTE a frozen
            A must be re-drawn at every merge, or the merged weights would only ever move inside the
-           fixed span of the heads' A rows (README: the least-squares table); lte.core.reset_heads
+           fixed span of the heads' A rows (docs/memory.md: the least-squares table); lte.core.reset_heads
            does that, and the parameter server re-draws the same A itself from (seed, layer, head,
            draw), so a LoRA-FA worker uploads B only.
   velora   VeLoRA: x is cut into sub-tokens of M values, each stored as its projection z = <x_g, v>
