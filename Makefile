@@ -1,4 +1,4 @@
-# Shortcuts; each target is one command from the README.
+# Shortcuts; each target is one command from the README or docs/.
 PY ?= python
 
 .PHONY: install test demo bench bench-layer

@@ -6,7 +6,8 @@ a round split into compute, upload, merge and download.
     python benchmarks/comm.py --device cuda            # the same on GPUs (one GPU: workers share it, Gloo)
 
 Both runs use synthetic 224px images (bytes moved do not depend on pixel values) and the same
-global batch; the counters count every payload byte of the trainer's collectives (README).
+global batch; the counters count every payload byte of the trainer's collectives (docs/distributed.md,
+"Communication accounting").
 """
 from __future__ import annotations
 

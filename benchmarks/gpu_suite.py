@@ -91,7 +91,7 @@ def _train(r: dict) -> str:
 
 
 def steps(results: Path, gpus: int) -> list[Step]:
-    """The suite. `gpus` decides the placement of the distributed runs (see README 'Placement')."""
+    """The suite. `gpus` decides the placement of the distributed runs (see docs/distributed.md, 'Placement')."""
     r = str(results)
     shared_gpu = gpus < 2  # several processes on one GPU: NCCL refuses that, the exchange uses Gloo
     out = [

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU checks on the `device` tool's machine, which has its own Python and torch, no network
 # and no `pip install -e .`: the repository goes on PYTHONPATH and bitsandbytes (missing there)
-# comes as a carried wheel in .whl/ (see README, "On a lent GPU").
+# comes as a carried wheel in .whl/ (see docs/gpu.md, "On a lent GPU").
 #   bash benchmarks/on_device.sh tests                  # tests/test_cuda.py
 #   bash benchmarks/on_device.sh suite [gpu_suite.py options, e.g. --only comm memory]
 # Logs and the suite's gpu_suite.json / gpu_suite.md go to $OUT (what the tool brings back: a few

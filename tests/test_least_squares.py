@@ -76,7 +76,7 @@ def test_resetless_lte_converges_too():
 
 def test_lora_fa_must_redraw_A_at_every_merge():
     """The 'merge every 5' column of the issue's table after 1500 of its 3000 steps (the whole table,
-    through this API: python benchmarks/lora_fa_table.py, in the README). Measured here at 1500 steps:
+    through this API: python benchmarks/lora_fa_table.py, in docs/memory.md). Measured here at 1500 steps:
     A trained 8 heads 0.001, kept 8 heads 0.383, kept 2 heads 0.842, re-drawn 2 heads 0.066, re-drawn
     8 heads 0.129."""
     assert relative_error(8, "trained", 5, 1500) < 0.01

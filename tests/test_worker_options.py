@@ -49,7 +49,7 @@ def test_per_rank_beyond_the_workers_is_refused():
 @pytest.mark.parametrize("option", [["worker.activations=lora_fa"], ["worker.activations=velora",
                                                                    "worker.velora_subtoken=4"], ["worker.chunks=2"]])
 def test_digits_train_with_each_option(tmp_path, option):
-    """300 steps of a 2-block demo model (the demo's full-length accuracies are in the README): far above
+    """300 steps of a 2-block demo model (the demo's full-length accuracies are in docs/memory.md): far above
     chance (0.1). Measured: lora_fa 0.716, velora 0.652, 2 chunks 0.596."""
     s = train(load_config(DIGITS, [f"out_dir={tmp_path}", "train.steps=300", "train.log_every=100", "eval.every=0",
                                    "model.args={embed_dim: 64, depth: 2, num_heads: 4}", "lte.lr=6e-3", *option]))

@@ -4,7 +4,8 @@ In training the batch is cut into N equal contiguous slices and head h sees slic
     y[slice h] = x[slice h] W^T + s * x[slice h] A_h^T B_h^T (+ bias_h)
 The base product runs once over the whole batch; the heads run as two batched matmuls
 (bmm, then baddbmm accumulating into the base output). benchmarks/lte_layer.py compares this
-with torch.func.vmap over a per-head function; the explicit form was faster (see README).
+with torch.func.vmap over a per-head function; the explicit form was faster (see docs/library.md,
+"How the heads run").
 In eval the layer is the merged linear alone: x W^T + b, for any batch size.
 
 The base weight is stored in a format from lte.memory (fp32 by default; bf16 or a bitsandbytes

@@ -11,7 +11,7 @@ as torchvision's ImageFolder numbers them. Decoding and augmentation run in the 
 
 `lte-train resize-images SRC DST --size 256` writes a copy whose shorter sides are at most 256
 pixels: the fast path for hosts whose cores cannot decode full-size images at the rate the device
-trains (README, "Vision data").
+trains (docs/data.md, "Keeping the device fed").
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Writes a copy of an image folder (SRC/train, SRC/val, a folder per class) whose images have their
 shorter side at most --size pixels (never enlarged), as JPEG. Decoding cost grows with the pixels
-of the source, so training from such a copy needs fewer host cores per image/s (README, "Vision
-data"); training at 224 px from a copy at 256 keeps RandomResizedCrop's full range of crops.
+of the source, so training from such a copy needs fewer host cores per image/s (docs/data.md, "Keeping
+the device fed"); training at 224 px from a copy at 256 keeps RandomResizedCrop's full range of crops.
 Files already in DST are skipped, so an interrupted run can be restarted.
 """
 from __future__ import annotations

@@ -85,7 +85,7 @@ def init(cfg: Config) -> DistEnv:
         torch.cuda.set_device(device)
     if world == local_world:
         # Every peer is on this machine: keep the data sockets on loopback, not on the host's
-        # interfaces (the rendezvous store is the launcher's business; see README).
+        # interfaces (the rendezvous store is the launcher's business; see docs/distributed.md, "Listening sockets").
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=cfg.dist.timeout_s)

@@ -7,7 +7,7 @@ width 3C, as in GPT-2), so lte.prepare puts LoRA heads on all of them. The posit
 dimension of 1 is what LTE can replicate per head on a module with children, and it is indexed
 the same way with or without heads.
 
-The output layer is never tied to the token embedding (see README, "Tied embeddings"): LTE keeps
+The output layer is never tied to the token embedding (see docs/models.md, "Tied embeddings"): LTE keeps
 one base per layer, and the full-rank baseline is built the same way so that both train the same
 model.
 """
