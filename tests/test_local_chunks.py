@@ -87,7 +87,7 @@ def test_only_the_chunk_and_its_proxy_are_resident(monkeypatch):
     model(torch.randint(64, (4, 6))).square().mean().backward()
     opt.step()  # optimizer moments exist
     sent = set()
-    monkeypatch.setattr(chunks_module, "_to", lambda t, device: sent.add(t.data_ptr()) or t)
+    monkeypatch.setattr(chunks_module, "to_device", lambda t, device: sent.add(t.data_ptr()) or t)
     chunks = LocalChunks(model, 3, params, opt, torch.device("cuda"))
     assert chunks.offload
     chunks.place(1)                                          # chunk 2 of 3: block 2, proxy f_L = block 3, d

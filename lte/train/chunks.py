@@ -33,8 +33,9 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # asynchronous to the device only: a copy to pageable host memory may not be complete when it returns
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every move a chunked round makes between host and device goes through here (a test watches it).
+    Asynchronous to the device only: a copy to pageable host memory may not be complete when it returns."""
     return t.to(device, non_blocking=device.type == "cuda")
 
 
@@ -143,16 +144,16 @@ class LocalChunks:
             if p is None:
                 continue
             if p.device != device:
-                p.data = _to(p.data, device)
+                p.data = to_device(p.data, device)
             # the optimizer moments of a frozen proxy are not needed on the device
             state = self.optimizer.state.get(p, {})
             target = device if id(p) in trained else host
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != target:
-                    state[key] = _to(value, target)
+                    state[key] = to_device(value, target)
         for name, b in module._buffers.items():
             if b is not None and b.device != device:
-                module._buffers[name] = _to(b, device)
+                module._buffers[name] = to_device(b, device)
 
     # running one chunk ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -248,7 +249,7 @@ class LocalChunks:
             for j in range(steps):
                 if chunk == 0:  # the round's batches, kept for the later chunks (in host memory on a GPU)
                     x, y = engine.batches.get(start + j)
-                    batches.append((_to(x, torch.device("cpu")), _to(y, torch.device("cpu"))) if self.offload
+                    batches.append((to_device(x, torch.device("cpu")), to_device(y, torch.device("cpu"))) if self.offload
                                    else (x, y))
                 else:
                     x, y = batches[j]
