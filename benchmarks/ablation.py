@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, loadavg, machine, read_metrics, read_summary, run_train, train_command, write_json
+
 DIGITS = ROOT / "configs" / "digits.yaml"
 
 # (group, label, overrides); the reference run (4 heads, rank 8, T=10) belongs to all three sweeps.
@@ -85,14 +82,9 @@ def train_one(overrides: dict, seed: int, steps: int, out_dir: Path, extra: list
             args = [f"{k}={v}" for k, v in overrides.items()] + [
                 f"seed={seed}", f"out_dir={out_dir}", f"train.steps={steps}", "train.log_every=100",
                 f"eval.every={max(1, 100 // merge_every)}", "checkpoint.every=0", "checkpoint.resume=false", *extra]
-            with (out_dir / "train.log").open("w") as log:
-                code = subprocess.call([sys.executable, "-m", "lte.train", "--config", str(DIGITS), *args],
-                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            if code:
-                raise SystemExit(f"run {out_dir.name} failed; see {out_dir / 'train.log'}")
-    summary = json.loads(summary_path.read_text())
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in rows if "eval_loss" in r]
+            run_train(train_command("--config", DIGITS, *args), out_dir, log=out_dir / "train.log")
+    summary = read_summary(out_dir)
+    curve = [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in read_metrics(out_dir) if "eval_loss" in r]
     return {"eval": summary["eval"], "wall_s": summary["wall_s"], "samples_per_s": summary["samples_per_s"],
             "trainable_params": summary["trainable_params"], "curve": curve}
 
@@ -125,9 +117,7 @@ def study(args) -> None:
               "data": "digits (1437 train / 360 test)", "global_batch": 64, "steps": steps, "seeds": seeds,
               "machine": machine(), "load_before": args.load_before, "wall_s": time.time() - t0, "rows": rows,
               "paper_table1": PAPER}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.out, report)
     print(markdown(rows))
     if not args.no_plot:
         plot(rows, out.with_suffix(".png"))
@@ -181,20 +171,16 @@ def pipeline_throughput(args) -> None:
     """Full-rank vs LTE training of ViT-S/32 from a generated ImageNet100-shaped JPEG folder with
     the shipped config (bf16, torch.compile, 32 heads of rank 64, batch 4096), data pipeline
     included: images/s is the median of the logged intervals after the first two (compilation)."""
-    import importlib.util
+    from data import make_folder  # benchmarks/data.py (beside this script): the image generator
 
-    spec = importlib.util.spec_from_file_location("lte_bench_data", Path(__file__).with_name("data.py"))
-    bench_data = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench_data  # its generator runs in a process pool, which pickles by module name
-    spec.loader.exec_module(bench_data)
     base = Path(args.runs_dir) / ("gpu-dry" if args.dry_run else "gpu")
     if args.dry_run:  # tiny shapes on the CPU: checks the path, measures nothing
-        folder = bench_data.make_folder(base / "images", 2, 4, (64, 48))
+        folder = make_folder(base / "images", 2, 4, (64, 48))
         shape = ["data.args.image_size=32", "data.args.workers=1", "model.args={embed_dim: 16, depth: 1, num_heads: 2}",
                  "train.steps=4", "train.batch_size=8", "lte.heads=4", "train.log_every=1", "train.warmup_steps=1",
                  "train.compile=false", "train.precision=fp32", "train.device=cpu", "eval.batch_size=8"]
     else:
-        folder = bench_data.make_folder(base / "images", 100, args.images_per_class, (500, 375))
+        folder = make_folder(base / "images", 100, args.images_per_class, (500, 375))
         shape = [f"train.steps={args.steps_gpu}", "train.log_every=5", "train.warmup_steps=5"]
         if args.workers is not None:
             shape.append(f"data.args.workers={args.workers}")
@@ -210,35 +196,20 @@ def pipeline_throughput(args) -> None:
     for mode in ("full", "lte"):
         out_dir = base / mode
         cfg = ROOT / "configs" / "vit_s32_imagenet100.yaml"
-        cmd = [sys.executable, "-m", "lte.train", "--config", str(cfg), f"mode={mode}", f"out_dir={out_dir}",
-               f"data.args.root={folder}", "data.args.classes=null", "eval.every=0", "checkpoint.every=0",
-               "checkpoint.resume=false", *shape]
-        with (base / f"{mode}.log").open("w") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code:
-            raise SystemExit(f"{mode} run failed; see {base / f'{mode}.log'}")
-        summary = json.loads((out_dir / "summary.json").read_text())
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+        cmd = train_command("--config", cfg, f"mode={mode}", f"out_dir={out_dir}", f"data.args.root={folder}",
+                            "data.args.classes=null", "eval.every=0", "checkpoint.every=0", "checkpoint.resume=false",
+                            *shape)
+        summary = run_train(cmd, out_dir, log=base / f"{mode}.log")
+        rates = [r["samples_per_s"] for r in read_metrics(out_dir) if "samples_per_s" in r]
         steady = rates[2:] or rates
         results.append({"mode": mode, "images_per_s_median": statistics.median(steady), "intervals": rates,
                         "peak_memory_bytes": summary.get("peak_memory_bytes"), "device": summary.get("device"),
-                        "trainable_params": summary["trainable_params"], "load": open("/proc/loadavg").read().split()[:3]})
+                        "trainable_params": summary["trainable_params"], "load": loadavg()})
         print(f"{mode:<5} {results[-1]['images_per_s_median']:>9,.0f} images/s (median of {len(steady)} intervals) "
               f"on {summary.get('device')}", flush=True)
     report = {"benchmark": "ablation-gpu", "dry_run": args.dry_run, "folder": str(folder), "machine": machine(),
               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out}")
-
-
-def machine() -> dict:
-    import torch
-
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-            or platform.machine(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    print(f"-> {write_json(args.out, report)}")
 
 
 def main() -> None:
@@ -251,14 +222,15 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--reverse", action="store_true",
-                        help="run the study's runs last first (a second process on the same --runs-dir shares the work)")
+                        help="run the study's runs last first (a second process on the same --runs-dir shares "
+                             "the work)")
     parser.add_argument("--steps-gpu", type=int, default=40, help="gpu preset: training steps per mode")
     parser.add_argument("--images-per-class", type=int, default=50, help="gpu preset: generated images per class")
     parser.add_argument("--workers", type=int, default=None, help="gpu preset: DataLoader workers (default: auto)")
     parser.add_argument("--resized", type=int, default=None,
                         help="gpu preset: train from a resize-images copy with this shorter side (the fast path)")
     args = parser.parse_args()
-    args.load_before = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else None
+    args.load_before = loadavg()
     if args.preset == "cpu":
         args.out = args.out or ("benchmarks/results/ablation-dry.json" if args.dry_run
                                 else "benchmarks/results/ablation.json")

@@ -12,19 +12,15 @@ global batch; the counters count every payload byte of the trainer's collectives
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from common import run_train, train_command, write_json
 from lte.core.linear import is_patch_conv
 from lte.models import create_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def analytic(model_name: str, rank: int, heads_per_worker: int, merge_every: int, ranks_ddp: int,
@@ -64,11 +60,7 @@ def run(mode: str, nproc: int, args, out_dir: Path) -> dict:
                  f"worker.base_dtype={args.base}", "eval.every=0", "eval.batch_size=16", "train.log_every=10",
                  f"train.device={args.device}", "dist.sync_phases=true", "checkpoint.resume=false",
                  f"out_dir={out_dir}"]
-    cmd = [sys.executable, "-m", "lte.train", "--nproc-per-node", str(nproc), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads((out_dir / "summary.json").read_text())
+    return run_train(train_command(*overrides, nproc=nproc), out_dir)
 
 
 def main():
@@ -99,9 +91,7 @@ def main():
               "ps": {k: ps[k] for k in ("comm", "round_time", "steps", "merges", "samples_per_s", "device")},
               "ddp": {k: ddp[k] for k in ("comm", "steps", "samples_per_s", "device")},
               "ddp_over_ps_bytes": ddp["comm"]["bytes_per_step_per_worker"] / ps["comm"]["bytes_per_step_per_worker"]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.out, report)
 
     mb = 1e6
     print(f"{args.model}: {theory['params'] / 1e6:.1f}M parameters, LoRA rank {args.rank}: "

@@ -17,22 +17,17 @@ cores needed for a rate R = R x that / 1000.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lte.data import HeadBatches, TrainBatches  # noqa: E402
-from lte.data.imagefolder import imagefolder  # noqa: E402
-from lte.data.resize import resize_folder  # noqa: E402
+from common import loadavg, machine, write_json
+from lte.data import HeadBatches, TrainBatches
+from lte.data.imagefolder import imagefolder
+from lte.data.resize import resize_folder
 
 
 def write_class(job: tuple[str, int, int, tuple[int, int], int]) -> None:
@@ -64,10 +59,6 @@ def make_folder(root: Path, classes: int, per_class: int, size: tuple[int, int],
     return root
 
 
-def load() -> list[float]:
-    return [float(v) for v in open("/proc/loadavg").read().split()[:3]] if os.path.exists("/proc/loadavg") else []
-
-
 def measure(root: Path, workers: int, batch: int, steps: int, image_size: int, fast_decode: bool) -> dict:
     data = imagefolder(str(root), image_size=image_size, workers=workers, fast_decode=fast_decode)
     heads = 4
@@ -75,14 +66,14 @@ def measure(root: Path, workers: int, batch: int, steps: int, image_size: int, f
                            steps=steps + 2, workers=workers)  # normalization runs on the device: not host work
     batches.get(0)  # start-up (worker processes, first batches) is not what a long run sees
     batches.get(1)
-    before = load()
+    before = loadavg()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for step in range(2, steps + 2):
         x, _ = batches.get(step)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     batches.close()
     assert x.shape == (batch, image_size, image_size, 3) and x.dtype == torch.uint8
-    row = {"workers": workers, "images_per_s": steps * batch / elapsed, "load_before": before, "load_after": load()}
+    row = {"workers": workers, "images_per_s": steps * batch / elapsed, "load_before": before, "load_after": loadavg()}
     if workers == 0:  # all the work is in this (single-threaded) process: CPU time per image, whatever the load
         row["cpu_ms_per_image"] = 1e3 * cpu / (steps * batch)
     return row
@@ -126,11 +117,8 @@ def main() -> None:
                   flush=True)
     report = {"benchmark": "data", "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
               "mean_file_kb": {"500x375": jpeg_kb, f"resized{args.resize}": small_kb},
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__}, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+              "machine": machine("cpu"), "rows": rows}
+    out = write_json(args.out, report)
     print(f"mean file size: 500x375 {jpeg_kb:.0f} KB, resized {small_kb:.0f} KB  -> {out}")
 
 

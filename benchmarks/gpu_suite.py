@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, child_env, machine, train_command, write_json
+
 PY = sys.executable
 TINY_VIT = "model.args={embed_dim: 16, depth: 1, num_heads: 2}"
 
@@ -87,7 +85,8 @@ def _vision(r: dict) -> str:
 def _train(r: dict) -> str:
     ev = r.get("eval", {})
     figures = ", ".join(f"{k} {v:.3f}" for k, v in ev.items())
-    return f"{r['steps']} steps, {figures}, {r['samples_per_s']:,.0f} samples/s, peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB"
+    return (f"{r['steps']} steps, {figures}, {r['samples_per_s']:,.0f} samples/s, "
+            f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
 
 
 def steps(results: Path, gpus: int) -> list[Step]:
@@ -96,7 +95,8 @@ def steps(results: Path, gpus: int) -> list[Step]:
     shared_gpu = gpus < 2  # several processes on one GPU: NCCL refuses that, the exchange uses Gloo
     out = [
         Step("throughput-eager", "simulated LTE vs full-rank step, ViT-S/32 224px, batch 1024, 32x r64, bf16, eager",
-             [PY, "benchmarks/throughput.py", "--preset", "gpu", "--compile", "false", "--out", f"{r}/throughput-eager.json"],
+             [PY, "benchmarks/throughput.py", "--preset", "gpu", "--compile", "false",
+              "--out", f"{r}/throughput-eager.json"],
              [PY, "benchmarks/throughput.py", "--preset", "cpu", "--steps", "2", "--warmup", "1", "--batch", "16",
               "--compile", "false", "--out", f"{r}/throughput-eager.json"],
              240, "throughput-eager.json", headline=_throughput),
@@ -120,13 +120,13 @@ def steps(results: Path, gpus: int) -> list[Step]:
              240, "comm.json", headline=_comm),
     ]
     for mode, nproc in (("lte", None), ("full", None), ("ps", 3), ("ddp", 2)):
-        launch = [PY, "-m", "lte.train"] + (["--nproc-per-node", str(nproc)] if nproc else [])
         common = ["--config", "configs/digits.yaml", f"mode={mode}", f"out_dir={r}/train-{mode}",
                   "checkpoint.resume=false", "train.log_every=100"]
         dist = ["dist.backend=gloo"] if mode in ("ps", "ddp") and shared_gpu else []
         out.append(Step(f"train-{mode}", f"digits ViT, mode={mode}, a short real run",
-                        launch + common + ["train.device=cuda", "train.steps=300", *dist],
-                        launch + common + ["train.device=cpu", "train.steps=4", "lte.merge_every=2", TINY_VIT],
+                        train_command(*common, "train.device=cuda", "train.steps=300", *dist, nproc=nproc),
+                        train_command(*common, "train.device=cpu", "train.steps=4", "lte.merge_every=2", TINY_VIT,
+                                      nproc=nproc),
                         180, f"train-{mode}/summary.json", headline=_train))
     out += [
         Step("memory", "peak memory of one worker: DDP vs LTE bases and activation options",
@@ -141,25 +141,13 @@ def steps(results: Path, gpus: int) -> list[Step]:
              [PY, "benchmarks/quality.py", "--dry-run", "--out", f"{r}/quality.json"],
              420, "quality.json", headline=_quality),
         Step("vision-throughput", "ViT-S/32 ImageNet100-shaped, full vs LTE with the data pipeline",
-             [PY, "benchmarks/ablation.py", "--preset", "gpu", "--runs-dir", f"{r}/vision", "--out", f"{r}/vision.json"],
+             [PY, "benchmarks/ablation.py", "--preset", "gpu", "--runs-dir", f"{r}/vision",
+              "--out", f"{r}/vision.json"],
              [PY, "benchmarks/ablation.py", "--preset", "gpu", "--dry-run", "--runs-dir", f"{r}/vision",
               "--out", f"{r}/vision.json"],
              300, "vision.json", headline=_vision),
     ]
     return out
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                              "--format=csv,noheader"], capture_output=True, text=True)
-        info["nvidia_smi"] = smi.stdout.strip()
-    return info
 
 
 def table(report: dict) -> str:
@@ -185,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     report = {"suite": "gpu", "dry_run": args.dry_run, "machine": machine(), "steps": []}
     t_start = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for step in steps(results, torch.cuda.device_count()):
         if args.only is not None and step.name not in args.only:
             continue
@@ -201,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             (results / step.result).unlink(missing_ok=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                                   timeout=min(step.timeout_s, left))
             entry["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             entry["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
@@ -219,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 entry["headline"] = f"(result without the expected fields: {exc})"
         print(f"[{time.perf_counter() - t_start:6.0f}s] {step.name}: {entry['status']} "
               f"({entry['wall_s']:.0f}s) {entry.get('headline', '')}", flush=True)
-        (results / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(results / "gpu_suite.json", report)
     report["wall_s"] = time.perf_counter() - t_start
-    (results / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(results / "gpu_suite.json", report)
     (results / "gpu_suite.md").write_text(table(report))
     print(table(report))
     return 0 if all(s["status"] == "ok" for s in report["steps"]) else 1

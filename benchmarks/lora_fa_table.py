@@ -11,12 +11,12 @@ trained (LTE's default), frozen and kept (plain LoRA-FA), or frozen and re-drawn
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import dataclasses
 
 import torch
 from torch import nn
 
+from common import RESULTS, write_json
 import lte
 
 ROWS = [(8, "trained"), (8, "kept"), (2, "kept"), (2, "redrawn"), (8, "redrawn")]
@@ -25,28 +25,42 @@ LABEL = {"trained": "A trained, kept (LTE default)", "kept": "A frozen, kept acr
 COLUMNS = [5, 100, 0]
 
 
-def relative_error(heads: int, a: str, merge_every: int, steps: int) -> float:
+def target() -> tuple[torch.Generator, torch.Tensor]:
+    """The full-rank 32x32 target W*, and the generator that goes on to draw the inputs."""
     g = torch.Generator().manual_seed(123)
-    w_star = torch.randn(32, 32, generator=g) / 32 ** 0.5
+    return g, torch.randn(32, 32, generator=g) / 32 ** 0.5
+
+
+def error_curve(cfg: lte.LTEConfig, merge_every: int, steps: int, batch: int = 256, a: str = "trained") -> list[float]:
+    """The relative error of the merged weight W + (s/N) sum_h B_h A_h after every step of fitting
+    W* with cfg's heads from a zero base (merge_every 0: never merged); `a`: the heads' A trained,
+    frozen and kept, or frozen and re-drawn at every merge (LoRA-FA)."""
+    g, w_star = target()
     linear = nn.Linear(32, 32, bias=False)
-    nn.init.zeros_(linear.weight)
-    model = lte.prepare(linear, lte.LTEConfig(heads=heads, rank=4, alpha=8,
-                                              activations="lora_fa" if a == "redrawn" else "full"))
+    nn.init.zeros_(linear.weight)  # the base weight starts at zero, as in the paper
+    model = lte.prepare(linear, dataclasses.replace(cfg, activations="lora_fa" if a == "redrawn" else "full"))
     if a == "kept":
         model.lora_A.requires_grad_(False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    errors = []
     for step in range(steps):
-        x = torch.randn(256, 32, generator=g)
-        loss = ((model(x) - x @ w_star.T) ** 2).mean() * heads
+        x = torch.randn(batch, 32, generator=g)  # x ~ N(0, I), fresh every step
+        loss = ((model(x) - x @ w_star.T) ** 2).mean() * cfg.heads  # the sum of the heads' mean losses
         opt.zero_grad()
         loss.backward()
         opt.step()
         if merge_every and (step + 1) % merge_every == 0:
             lte.merge(model, opt)
-    with torch.no_grad():
-        A, B = model.factors()
-        merged = model.weight + (model.scale / heads) * torch.einsum("hor,hri->oi", B, A)
-        return ((merged - w_star).norm() / w_star.norm()).item()
+        with torch.no_grad():
+            A, B = model.factors()
+            merged = model.weight + (model.scale / cfg.heads) * torch.einsum("hor,hri->oi", B, A)
+            errors.append(((merged - w_star).norm() / w_star.norm()).item())
+    return errors
+
+
+def relative_error(heads: int, a: str, merge_every: int, steps: int) -> float:
+    """One cell of the table: the error after `steps` steps of rank-4 heads, alpha 8."""
+    return error_curve(lte.LTEConfig(heads=heads, rank=4, alpha=8), merge_every, steps, a=a)[-1]
 
 
 def main() -> None:
@@ -60,9 +74,7 @@ def main() -> None:
         errors = [relative_error(heads, a, t, args.steps) for t in COLUMNS]
         rows.append({"heads": heads, "A": a, "errors": dict(zip(["5", "100", "never"], errors))})
         print(f"| {LABEL[a]}, {heads} heads | " + " | ".join(f"{e:.3f}" for e in errors) + " |", flush=True)
-    out = Path(__file__).parent / "results" / "lora_fa_table.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
+    write_json(RESULTS / "lora_fa_table.json", {"steps": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":

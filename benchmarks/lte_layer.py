@@ -6,14 +6,12 @@ against torch.func.vmap over a per-head function. Forward + backward, median ove
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common import step_times, write_json
 from lte.core.linear import LTELinear
 
 SHAPES = {  # name: (batch, tokens, d_in, d_out, heads, rank)
@@ -32,17 +30,7 @@ def vmap_forward(x, W, A, B, scale):
 
 
 def time_fn(fn, device, repeats):
-    times = []
-    for i in range(repeats + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(step_times(fn, device, repeats, warmup=3))
 
 
 def main():
@@ -80,10 +68,7 @@ def main():
         t_exp, t_vmap = time_fn(explicit, device, args.repeats), time_fn(vmapped, device, args.repeats)
         rows.append({"shape": name, "batch": b, "tokens": t, "d_in": d_in, "d_out": d_out, "heads": heads,
                      "rank": rank, "explicit_ms": 1e3 * t_exp, "vmap_ms": 1e3 * t_vmap, "rel_diff": err})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "dtype": args.dtype, "torch": torch.__version__,
-                               "rows": rows}, indent=2) + "\n")
+    write_json(args.out, {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "rows": rows})
     print(f"LTE linear forward+backward on {device} ({args.dtype}), median of {args.repeats}")
     print(f"{'shape':<16} {'batch':>6} {'explicit ms':>12} {'vmap ms':>9} {'vmap/explicit':>14}")
     for r in rows:

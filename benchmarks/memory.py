@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import RESULTS, machine, step_times, sync, write_json
 import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
@@ -50,8 +49,6 @@ from lte.models.gpt import gpt
 from lte.train import tasks
 from lte.train.chunks import LocalChunks
 from lte.train.engine import optimizer_step
-
-RESULTS = Path(__file__).parent / "results"
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -276,11 +273,6 @@ class StepRunner:
         sync(self.device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_rows(spec: Spec, device, batch: int, steps: int, repeats: int, ctx: int | None = None) -> dict:
     """Median seconds per step of each row (a round of `steps` steps, after one warm-up round);
     ctx: a shorter sequence for GPTs (a CPU cannot time 1024 tokens in reasonable time)."""
@@ -291,13 +283,8 @@ def time_rows(spec: Spec, device, batch: int, steps: int, repeats: int, ctx: int
     for label, opts in ROWS:
         runner = StepRunner(spec, opts, device, batch)
         runner.round(1)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            runner.round(steps)
-            times.append((time.perf_counter() - t0) / steps)
-        out[label] = statistics.median(times)
-        del runner
+        out[label] = statistics.median(step_times(lambda: runner.round(steps), device, repeats, warmup=0)) / steps
+        runner = None  # freed before the next row builds its model (the lambda above holds the name)
     return out
 
 
@@ -418,9 +405,7 @@ def main() -> None:
           f"largest GPT as a DDP worker {found['ddp']}, as an LTE worker (nf4 + lora_fa + 4 chunks) {found['lte']}"
           + (f": {ratio:.1f}x the parameters" if ratio else ""))
     out = args.out or RESULTS / f"memory{'-dry' if args.dry_run else ''}-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, result)}")
 
 
 def table(spec: Spec, rows: dict, timing: dict, device) -> str:
@@ -441,17 +426,6 @@ def table(spec: Spec, rows: dict, timing: dict, device) -> str:
             cells.append(f"{timing[label] / timing[BASELINE]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def machine(device) -> dict:
-    info = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    return info
 
 
 if __name__ == "__main__":

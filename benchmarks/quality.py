@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lte.train.config import load_config  # noqa: E402
-from lte.train.report import eval_curve, pyplot  # noqa: E402
+from common import ROOT, loadavg, machine, read_metrics, read_summary, run_train, train_command, write_json
+from lte.train.config import load_config
+from lte.train.report import eval_curve, pyplot
 
 PRESETS = {
     "cpu": {
@@ -63,29 +57,13 @@ DRY_RUN = ["model.args={n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}", "da
            "eval.batches=2"]
 
 
-def loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
 def run_one(name: str, config: str, overrides: list[str], out_dir: Path, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "lte.train", "--config", config, *overrides, f"out_dir={out_dir}",
-           "checkpoint.every=0", "checkpoint.resume=false"]
+    cmd = train_command("--config", config, *overrides, f"out_dir={out_dir}", "checkpoint.every=0",
+                        "checkpoint.resume=false")
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     load_before, t0 = loadavg(), time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "stdout.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
-    if proc.returncode:
-        tail = (out_dir / "stdout.log").read_text()[-3000:]
-        raise SystemExit(f"run {name} failed (exit {proc.returncode}):\n{tail}")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    rates = [json.loads(line).get("samples_per_s") for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r for r in rates if r is not None]
+    summary = run_train(cmd, out_dir, log=out_dir / "stdout.log", timeout=timeout)
+    rates = [r["samples_per_s"] for r in read_metrics(out_dir) if r.get("samples_per_s") is not None]
     return {"name": name, "command": cmd[1:], "curve": eval_curve(out_dir), "summary": summary,
             # the first logged interval holds start-up (and compilation): leave it out
             "samples_per_s_steady": statistics.median(rates[1:]) if len(rates) > 1 else summary["samples_per_s"],
@@ -144,13 +122,13 @@ def plot(results: list[dict], cmp: dict | None, out: Path, title: str) -> None:
 
 
 def plot_report(report: dict, png_path: Path) -> None:
-    results, machine = report["runs"], report["machine"]
+    results, host = report["runs"], report["machine"]
     what = ", ".join(f"{r['name']}: " + (f"{r['summary']['heads']} heads" if r["summary"]["heads"] else "full-rank")
                      for r in results)
-    threads = f", {machine['omp_num_threads']} thread(s)" if machine.get("omp_num_threads") else ""
+    threads = f", {host['omp_num_threads']} thread(s)" if host.get("omp_num_threads") else ""
     plot(results, report["comparison"], png_path,
          f"{report['config']} ({report['preset']} preset{', dry run' if report['dry_run'] else ''}; {what}; "
-         f"{machine['device']}{threads})")
+         f"{host['device']}{threads})")
 
 
 def main() -> None:
@@ -192,7 +170,7 @@ def main() -> None:
     results = []
     if args.full_from is not None:
         names = [n for n in names if n != "full"]
-        summary = json.loads((args.full_from / "summary.json").read_text())
+        summary = read_summary(args.full_from)
         results.append({"name": "full", "command": None, "from": str(args.full_from),
                         "curve": eval_curve(args.full_from), "summary": summary,
                         "samples_per_s_steady": summary["samples_per_s"]})
@@ -206,17 +184,10 @@ def main() -> None:
     by_name = {r["name"]: r for r in results}
     cmp = compare(by_name["full"], by_name["lte"]) if {"full", "lte"} <= set(by_name) else None
 
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.dry_run
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-               "device": torch.cuda.get_device_name(0) if cuda else f"{os.cpu_count()}-core {platform.machine()} CPU"}
     report = {"benchmark": "quality", "preset": args.preset, "dry_run": args.dry_run, "config": preset["config"],
-              "common_overrides": common, "lte_steps_factor": factor, "machine": machine,
-              "comparison": cmp, "runs": results}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+              "common_overrides": common, "lte_steps_factor": factor,
+              "machine": machine("cpu" if args.dry_run else None), "comparison": cmp, "runs": results}
+    write_json(json_path, report)
     plot_report(report, png_path)
 
     print(f"{'run':<14} {'steps':>6} {'best eval':>10} {'final eval':>10} {'samples/s':>10} {'train s':>8}")

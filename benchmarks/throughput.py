@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
 
+from common import machine, step_times, write_json
 import lte
 from lte.models import create_model
 from lte.train.log import peak_memory
@@ -50,21 +48,13 @@ def measure(mode: str, args, device: torch.device) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        optimizer_step(forward, params, opt, x, y, task="classification", heads=heads, grad_clip=1.0, device=device,
-                       precision=args.precision)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times = step_times(lambda: optimizer_step(forward, params, opt, x, y, task="classification", heads=heads,
+                                              grad_clip=1.0, device=device, precision=args.precision),
+                       device, args.steps, args.warmup)
     step_s = statistics.median(times)
     out = {"mode": mode, "step_s_median": step_s, "step_s_min": min(times), "images_per_s": args.batch / step_s,
            "trainable_params": sum(p.numel() for p in params), **peak_memory(device)}
-    del model, opt, forward
+    model = opt = forward = None  # freed before the next mode (the timing lambda holds the names)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -104,14 +94,12 @@ def main() -> None:
     full, lte_ = results
     report = {
         "benchmark": "throughput",
-        "config": {k: getattr(args, k) for k in preset} | {"device": args.device, "compile_backend": args.compile_backend},
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "config": {k: getattr(args, k) for k in preset} | {"device": args.device,
+                                                            "compile_backend": args.compile_backend},
+        "machine": machine(device),
         "results": results, "lte_over_full_step_time": lte_["step_s_median"] / full["step_s_median"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.out, report)
     print(f"{args.model}, {args.img_size}px, batch {args.batch}, {args.precision}, compile={args.compile}, "
           f"on {report['machine']['device']} (torch {torch.__version__})")
     print(f"{'mode':<6} {'step ms':>9} {'images/s':>10} {'trainable':>12} {'peak MiB':>9}")

@@ -1,4 +1,5 @@
-"""Settings for the whole test suite."""
+"""Settings for the whole test suite. What the test files share (paths, runners, readers of a run's
+out_dir) is in helpers.py."""
 import os
 
 import torch

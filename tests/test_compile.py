@@ -5,6 +5,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lte
+from helpers import DIGITS, small
 from lte.models import create_model
 from lte.train.config import load_config
 from lte.train.trainer import train
@@ -82,9 +83,8 @@ def test_prepared_model_compiles_as_one_graph_and_matches_eager(name, reset, oth
 
 def test_bf16_autocast_training_on_cpu(tmp_path):
     """train.precision=bf16 runs on the CPU (autocast) and learns like fp32 does."""
-    common = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}", "train.steps=200", "lte.merge_every=10",
-              "train.log_every=200", "eval.every=0"]
-    cfgs = {p: load_config("configs/digits.yaml", [*common, f"train.precision={p}", f"out_dir={tmp_path / p}"])
+    common = small("train.steps=200", "lte.merge_every=10", "train.log_every=200")
+    cfgs = {p: load_config(DIGITS, [*common, f"train.precision={p}", f"out_dir={tmp_path / p}"])
             for p in ("fp32", "bf16")}
     results = {p: train(cfg)["eval"] for p, cfg in cfgs.items()}
     assert results["bf16"]["loss"] < 2.0  # started at ln(10) = 2.30

@@ -12,8 +12,9 @@ import lte
 from lte.memory import get_format
 from lte.train.config import load_config
 from lte.train.trainer import train
+from helpers import DIGITS, summary
 from test_compile import tiny, trainable
-from test_dist import DIGITS, ps_against_simulated, summary
+from test_dist import ps_against_simulated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

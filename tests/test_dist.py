@@ -1,56 +1,32 @@
 """The parameter server and the DDP baseline as real multi-process runs on Gloo/CPU."""
-import json
 import math
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import DIGITS, ROOT, child_env, config, final, metrics, run_command, small, summary, train_command
 from lte.core.linear import is_patch_conv
 from lte.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.yaml")
-SMALL = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}", "train.log_every=10", "eval.every=0"]
+SMALL = small("train.log_every=10")
 # A tiny character GPT on the embedded tiny Shakespeare, in place of the digits ViT.
-GPT = ["--config", str(ROOT / "configs" / "shakespeare_char.yaml"),
+GPT = ["--config", config("shakespeare_char"),
        "model.args={n_layer: 1, n_head: 2, n_embd: 16, block_size: 16}", "data.args.block_size=16",
        "train.batch_size=16", "eval.batches=2", "eval.batch_size=32", "lte.rank=4", "lte.alpha=16",
        "train.warmup_steps=0"]
 
 
-def run(args, *, nproc=None, torchrun=None, env=None, timeout=240, cwd=ROOT):
-    """Run lte-train (our launcher with nproc, torchrun with a list of its flags, else one process).
-    The digits ViT unless args start with another --config (GPT)."""
-    if torchrun is not None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "lte.train"]
-    else:
-        cmd = [sys.executable, "-m", "lte.train"] + (["--nproc-per-node", str(nproc)] if nproc else [])
+def run(args, *, nproc=None, torchrun=None, **kw):
+    """lte-train (helpers.train_command) on the digits ViT unless args start with another --config
+    (GPT); helpers.run_command's exit code and output."""
     setup = [] if args[:1] == ["--config"] else ["--config", DIGITS, *SMALL]
-    proc = subprocess.Popen(cmd + [*setup, *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"run did not finish in {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out
-
-
-def summary(out_dir):
-    return json.loads((Path(out_dir) / "summary.json").read_text())
-
-
-def final(out_dir):
-    return torch.load(Path(out_dir) / "final.pt", weights_only=True)
+    return run_command(train_command(*setup, *args, nproc=nproc, torchrun=torchrun), **kw)
 
 
 def free_port():
@@ -138,8 +114,7 @@ def test_ddp_trains_the_gpt(tmp_path):
     code, out = run([*GPT, "mode=ddp", "train.steps=30", "train.lr=3e-3", "eval.every=1", f"out_dir={tmp_path}"],
                     nproc=2)
     assert code == 0, out
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in metrics(tmp_path) if "eval_loss" in r]
     # from ln 65 = 4.17 at the start, down at every evaluation
     assert len(evals) == 3 and evals[0] < 4.0 and evals[0] > evals[1] > evals[2] and evals[2] < 3.7, evals
     assert set(summary(tmp_path)["eval"]) == {"loss", "perplexity"}
@@ -178,14 +153,13 @@ def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path
     whole, killed = final(tmp_path / "whole"), final(tmp_path / "killed")
     for key in whole:
         torch.testing.assert_close(killed[key], whole[key], rtol=0, atol=0, msg=key)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 20, 30, 40, 50]
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [10, 20, 30, 40, 50]
 
 
 def test_two_nodes_on_loopback(tmp_path):
     """Multi-node torchrun (c10d rendezvous) as two 'nodes' of two processes: a server and 3 workers."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NPROC_PER_NODE": "2",
-           "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": "test-two-nodes"}
+    env = child_env({"NNODES": "2", "NPROC_PER_NODE": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+                     "RDZV_ID": "test-two-nodes"})
     args = ["--config", DIGITS, *SMALL, "mode=ps", "lte.heads=null", "worker.heads=1", "train.batch_size=48",
             "train.steps=20", f"out_dir={tmp_path}"]
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), *args], cwd=ROOT, env=env, text=True,
@@ -224,10 +198,10 @@ def listening_addresses(pids):
 
 
 def test_standalone_launcher_listens_on_loopback_only(tmp_path):
-    cmd = [sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "--config", DIGITS, *SMALL, "mode=ps",
-           "lte.heads=4", "train.steps=200", f"out_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    cmd = train_command("--config", DIGITS, *SMALL, "mode=ps", "lte.heads=4", "train.steps=200", f"out_dir={tmp_path}",
+                        nproc=3)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:

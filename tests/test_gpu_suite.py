@@ -1,19 +1,17 @@
 """The GPU suite's dry run: every step of benchmarks/gpu_suite.py on tiny shapes on the CPU, so the
 suite is known to work before a GPU session spends its minutes on it."""
 import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_command
 
 
 def test_gpu_suite_dry_run_runs_every_step(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--dry-run", "--results", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    code, out = run_command([sys.executable, "benchmarks/gpu_suite.py", "--dry-run", "--results", str(tmp_path)],
+                            timeout=900)
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     statuses = {s["name"]: s["status"] for s in report["steps"]}
-    assert proc.returncode == 0, (statuses, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert code == 0, (statuses, out[-6000:])
     for name in ("throughput-eager", "throughput-compiled", "layer", "comm", "train-lte", "train-full", "train-ps",
                  "train-ddp", "memory", "quality", "vision-throughput"):
         assert statuses[name] == "ok", (name, statuses)

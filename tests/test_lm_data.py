@@ -2,19 +2,18 @@
 import json
 import pickle
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import config
 from lte.data import build_data
 from lte.data.prepare_text import main as prepare_main, pieces, safe_boundary
 from lte.data.text import embedded_shakespeare
 from lte.data.tokens import token_dtype
 from lte.train.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 3
 
 
@@ -129,7 +128,7 @@ def test_bad_language_model_inputs_are_one_line_errors(tmp_path, capsys, case, o
     if case == "ids":
         bad_token_folder(tmp_path)
     fill = lambda s: s.format(tmp=tmp_path)  # noqa: E731
-    code = cli_main(["--config", str(ROOT / "configs" / "shakespeare_char.yaml"), f"out_dir={tmp_path / 'run'}",
+    code = cli_main(["--config", config("shakespeare_char"), f"out_dir={tmp_path / 'run'}",
                      "data.args.block_size=16", *map(fill, overrides)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lte-train: error: ") and err.count("\n") == 1, err
@@ -141,6 +140,6 @@ def test_bad_language_model_inputs_are_one_line_errors(tmp_path, capsys, case, o
 def test_language_model_configs_are_valid(name):
     from lte.train.config import load_config
 
-    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    cfg = load_config(config(name))
     assert cfg.model.name.startswith("gpt") and cfg.data.name in ("text", "tokens")
     assert cfg.train.batch_size % cfg.lte.heads == 0

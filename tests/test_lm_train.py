@@ -2,12 +2,12 @@
 single-process modes, its evaluation recomputed independently, sampling and the report plot."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import config, final, metrics
 from lte.data.text import embedded_shakespeare
 from lte.models import create_model
 from lte.sample import main as sample_main
@@ -15,8 +15,7 @@ from lte.train.config import load_config
 from lte.train.report import main as report_main
 from lte.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = str(ROOT / "configs" / "shakespeare_char.yaml")
+SHAKESPEARE = config("shakespeare_char")
 ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 48, "block_size": 32}
 SMALL = [f"model.args={json.dumps(ARCH)}", "data.args.block_size=32", "train.batch_size=32", "train.steps=120",
          "train.warmup_steps=10", "lte.heads=4", "lte.rank=16", "lte.alpha=128", "lte.merge_every=10",
@@ -53,9 +52,8 @@ def test_shakespeare_char_learns_and_reports_perplexity(runs, mode):
     assert set(ev) == {"loss", "perplexity"} and ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
     # from ln 65 = 4.17 to below 3.31, the entropy of Shakespeare's characters taken one at a time
     assert ev["loss"] < 3.0, ev
-    assert ev["loss"] == pytest.approx(independent_eval_loss(torch.load(out_dir / "final.pt", weights_only=True)),
-                                       rel=1e-5)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert ev["loss"] == pytest.approx(independent_eval_loss(final(out_dir)), rel=1e-5)
+    rows = metrics(out_dir)
     assert [r["step"] for r in rows if "eval_perplexity" in r] == [40, 80, 120]
     assert all(r["train_s"] > 0 for r in rows) and rows[-1]["train_s"] >= rows[0]["train_s"]
 

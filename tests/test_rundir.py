@@ -2,37 +2,20 @@
 rotated checkpoints with fallback past a torn one, atomic writes, one run per out_dir."""
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import DIGITS, assert_same_weights, final, metrics, run_command, small, summary, train_command
 from lte.train.cli import main
 from lte.train.config import load_config
 from lte.train.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.yaml")
-SMALL = ["model.args={embed_dim: 16, depth: 1, num_heads: 2}", "train.log_every=5", "eval.every=0",
-         "lte.merge_every=5", "eval.batches=2", "eval.batch_size=64"]
+SMALL = small("train.log_every=5", "lte.merge_every=5", "eval.batches=2", "eval.batch_size=64")
 
 
-def cli(tmp, *args):
-    return [sys.executable, "-m", "lte.train", "--config", DIGITS, *SMALL, f"out_dir={tmp}", *args]
-
-
-def run(cmd, env=None, timeout=300):
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"{cmd} did not finish in {timeout}s:\n{proc.communicate()[0][-3000:]}")
-    return proc.returncode, out
+def cli(tmp, *args, nproc=None):
+    return train_command("--config", DIGITS, *SMALL, f"out_dir={tmp}", *args, nproc=nproc)
 
 
 def files(out_dir):
@@ -40,22 +23,12 @@ def files(out_dir):
     return {p.name: p.read_bytes() for p in Path(out_dir).iterdir() if p.is_file() and p.name != ".lock"}
 
 
-def weights(out_dir):
-    return torch.load(Path(out_dir) / "final.pt", weights_only=True)
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-
-
 @pytest.mark.parametrize("mode", ["lte", "full"])
 def test_rerunning_a_finished_run_changes_nothing_and_more_steps_continue_it(tmp_path, capsys, mode):
     args = ["--config", DIGITS, *SMALL, f"out_dir={tmp_path}", f"mode={mode}", "train.steps=10"]
     assert main(args) == 0
     before = files(tmp_path)
-    summary = json.loads(before["summary.json"])
+    first = json.loads(before["summary.json"])
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -63,11 +36,11 @@ def test_rerunning_a_finished_run_changes_nothing_and_more_steps_continue_it(tmp
     assert files(tmp_path) == before  # byte for byte: summary, final.pt, metrics, checkpoints, config
 
     assert main([*args[:-1], "train.steps=15"]) == 0  # a longer run continues the finished one
-    longer = json.loads((tmp_path / "summary.json").read_text())
+    longer = summary(tmp_path)
     assert longer["steps"] == 15 and longer["samples_seen"] == 15 * 64 and longer["attempts"] == 2
-    assert longer["wall_s"] > summary["wall_s"] and longer["train_s"] > summary["train_s"]
-    assert longer["eval"] and longer["eval"] != summary["eval"]  # evaluated after step 15
-    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15]
+    assert longer["wall_s"] > first["wall_s"] and longer["train_s"] > first["train_s"]
+    assert longer["eval"] and longer["eval"] != first["eval"]  # evaluated after step 15
+    assert [r["step"] for r in metrics(tmp_path)] == [5, 10, 15]
 
 
 def test_checkpoints_rotate_and_a_torn_newest_one_falls_back_bit_identically(tmp_path, capsys):
@@ -84,42 +57,41 @@ def test_checkpoints_rotate_and_a_torn_newest_one_falls_back_bit_identically(tmp
     assert main([*args, f"out_dir={cut}"]) == 0
     out = capsys.readouterr().out
     assert f"checkpoint {newest} cannot be read" in out and "resumed from" in out and "at step 10" in out
-    assert_same_weights(weights(cut), weights(tmp_path / "whole"))
+    assert_same_weights(final(cut), final(tmp_path / "whole"))
 
 
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
-    code, out = run(cli(tmp_path / "whole", "checkpoint.every=1", "train.steps=20"))
+    code, out = run_command(cli(tmp_path / "whole", "checkpoint.every=1", "train.steps=20"))
     assert code == 0, out
     cmd = cli(tmp_path / "killed", "checkpoint.every=1", "train.steps=20")
-    code, out = run(cmd, env={"LTE_FAULT": "torn_write:step=10"})
+    code, out = run_command(cmd, env={"LTE_FAULT": "torn_write:step=10"})
     assert code == 17, out  # died half-way through writing the checkpoint of step 10
     assert [p.name for p in (tmp_path / "killed").glob("checkpoint-*.pt")] == ["checkpoint-000000005.pt"]
-    code, out = run(cmd)
+    code, out = run_command(cmd)
     assert code == 0 and "at step 5" in out, out
-    assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
+    assert_same_weights(final(tmp_path / "killed"), final(tmp_path / "whole"))
 
 
 def test_parameter_server_reruns_continues_and_falls_back(tmp_path):
     base = ["mode=ps", "lte.heads=4", "checkpoint.every=1", "worker.base_dtype=fp32"]
-    launch = [sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "--config", DIGITS, *SMALL]
-    code, out = run([*launch, *base, "train.steps=15", f"out_dir={tmp_path / 'whole'}"])
+    code, out = run_command(cli(tmp_path / "whole", *base, "train.steps=15", nproc=3))
     assert code == 0, out
 
     ps = tmp_path / "ps"
-    code, out = run([*launch, *base, "train.steps=10", f"out_dir={ps}"])
+    code, out = run_command(cli(ps, *base, "train.steps=10", nproc=3))
     assert code == 0, out
     before = files(ps)
     first = json.loads(before["summary.json"])
-    code, out = run([*launch, *base, "train.steps=10", f"out_dir={ps}"])
+    code, out = run_command(cli(ps, *base, "train.steps=10", nproc=3))
     assert code == 0 and "already holds a finished run of 10 steps" in out, out
     assert files(ps) == before
 
     newest = ps / "checkpoint-000000010.pt"  # the finished checkpoint; the one of step 5 is older
     newest.write_bytes(newest.read_bytes()[:2000])
-    code, out = run([*launch, *base, "train.steps=15", f"out_dir={ps}"])
+    code, out = run_command(cli(ps, *base, "train.steps=15", nproc=3))
     assert code == 0 and "cannot be read" in out and "at step 5" in out, out
-    assert_same_weights(weights(ps), weights(tmp_path / "whole"))
-    s = json.loads((ps / "summary.json").read_text())
+    assert_same_weights(final(ps), final(tmp_path / "whole"))
+    s = summary(ps)
     assert s["steps"] == 15 and s["attempts"] == 2 and s["merges"] == 3
     # communication over both attempts: the first up to its step-5 checkpoint, then all of the second
     upload, download = s["comm"]["upload_bytes_per_round"], s["comm"]["download_bytes_per_round"]
@@ -141,8 +113,7 @@ def test_one_run_per_out_dir(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     finally:
         holder.unlock()
-    code, out = run([sys.executable, "-m", "lte.train", "--nproc-per-node", "2", "--config", DIGITS, *SMALL,
-                     f"out_dir={tmp_path}", "mode=lte", "train.steps=5"])
+    code, out = run_command(cli(tmp_path, "mode=lte", "train.steps=5", nproc=2))
     assert code != 0 and "mode=lte runs in one process" in out and "Traceback" not in out, out
     assert not (tmp_path / "summary.json").exists()
 

@@ -1,27 +1,22 @@
 """The trainer and the lte-train command: outputs, errors, resumption, the demo's accuracy."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 import lte
+from helpers import (DIGITS, TINY_VIT, assert_same_weights, config, final, metrics, summary, train_command,
+                     train_crashing_at)
 from lte.models import register
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.engine import Engine
 from lte.train.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.yaml")
 
 
 def quick(tmp_path, *overrides):
-    return load_config(DIGITS, [f"out_dir={tmp_path}", "model.args={embed_dim: 16, depth: 1, num_heads: 2}",
-                                "train.steps=20", "train.log_every=5", "eval.every=1", *overrides])
+    return load_config(DIGITS, [f"out_dir={tmp_path}", TINY_VIT, "train.steps=20", "train.log_every=5",
+                                "eval.every=1", *overrides])
 
 
 @register
@@ -30,16 +25,16 @@ def conv_only(num_classes=10, in_chans=1, img_size=8):
 
 
 def test_lte_run_writes_metrics_and_summary(tmp_path):
-    summary = train(quick(tmp_path, "lte.merge_every=5"))
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    returned = train(quick(tmp_path, "lte.merge_every=5"))
+    on_disk = summary(tmp_path)
+    assert on_disk == json.loads(json.dumps(returned))
     for key in ("mode", "steps", "samples_seen", "merges", "eval", "wall_s", "samples_per_s", "peak_memory_bytes"):
         assert key in on_disk, key
     assert on_disk["mode"] == "lte" and on_disk["steps"] == 20 and on_disk["merges"] == 4
     assert on_disk["samples_seen"] == 20 * 64
     assert set(on_disk["eval"]) == {"loss", "accuracy"} and 0 <= on_disk["eval"]["accuracy"] <= 1
     assert on_disk["peak_memory_bytes"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all("eval_accuracy" in r and "samples_per_s" in r for r in rows)
 
@@ -56,30 +51,15 @@ def test_full_mode_trains_every_parameter(tmp_path):
     assert summary["trainable_params"] == sum(p.numel() for p in plain.parameters())
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     train(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5"))
 
     cfg = quick(tmp_path / "cut", "checkpoint.every=1", "lte.merge_every=5")
-    real_step = Engine.train_step
-
-    def crash_at_13(self):
-        if self.step == 13:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(Engine, "train_step", crash_at_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(Engine, "train_step", real_step)
-    summary = train(cfg)  # resumes from the checkpoint at step 10
-    assert summary["steps"] == 20 and summary["merges"] == 4
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 10, 15, 20]
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    train_crashing_at(cfg, 13)
+    resumed = train(cfg)  # resumes from the checkpoint at step 10
+    assert resumed["steps"] == 20 and resumed["merges"] == 4
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [5, 10, 15, 20]
+    assert_same_weights(final(tmp_path / "whole"), final(tmp_path / "cut"))
 
 
 def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
@@ -114,14 +94,14 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides
 
 
 def test_cli_missing_config_file_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lte.train", "--config", str(tmp_path / "nope.yaml")],
+    proc = subprocess.run(train_command("--config", tmp_path / "nope.yaml"),
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mode_in_out_dir_keeps_each_modes_run_apart():
-    shakespeare = str(ROOT / "configs" / "shakespeare_char.yaml")
+    shakespeare = config("shakespeare_char")
     assert load_config(shakespeare).out_dir == "runs/shakespeare-char-lte"
     assert load_config(shakespeare, ["mode=full"]).out_dir == "runs/shakespeare-char-full"
     assert load_config(DIGITS, ["out_dir=/tmp/x-{mode}/y", "mode=ps"]).out_dir == "/tmp/x-ps/y"

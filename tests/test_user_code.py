@@ -1,7 +1,5 @@
 """A model and a data set defined only here (registered nowhere in lte) train in every mode, by import
 path in the config and through the Python entry; bad import paths are one-line errors."""
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -10,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import final, run_command, train_command
 from lte.data import DataBundle
 from lte.train.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 COMMON = ["train.steps=20", "train.batch_size=32", "lte.heads=4", "lte.merge_every=5", "train.log_every=10",
           "eval.every=0", "checkpoint.resume=false"]
@@ -62,16 +60,14 @@ def not_data(seed):
     return [1, 2, 3]
 
 
-def run(cmd, cwd, timeout=240):
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+def run(cmd, cwd):
+    """helpers.run_command with this file importable by name (model.name=test_user_code:UserNet)."""
+    return run_command(cmd, cwd=cwd, pythonpath=[HERE])
 
 
 def loads_into_user_class(out_dir):
     model = UserNet(hidden=24)
-    model.load_state_dict(torch.load(Path(out_dir) / "final.pt", weights_only=True), strict=True)
+    model.load_state_dict(final(out_dir), strict=True)
     return model
 
 
@@ -86,9 +82,9 @@ def test_import_paths_in_one_process(tmp_path, monkeypatch, mode):
 
 
 def test_import_paths_in_ps_mode(tmp_path):
-    code, out = run([sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "mode=ps",
-                     "model.name=test_user_code:UserNet", "model.args={hidden: 24}",
-                     "data.name=test_user_code:user_digits", f"out_dir={tmp_path}", *COMMON], cwd=tmp_path)
+    code, out = run(train_command("mode=ps", "model.name=test_user_code:UserNet", "model.args={hidden: 24}",
+                                  "data.name=test_user_code:user_digits", f"out_dir={tmp_path}", *COMMON, nproc=3),
+                    cwd=tmp_path)
     assert code == 0, out[-3000:]
     loads_into_user_class(tmp_path)
 
@@ -132,8 +128,7 @@ def test_python_entry_runs_a_script_in_every_mode(tmp_path):
         code, out = run([sys.executable, str(script), str(tmp_path / mode), f"mode={mode}", *COMMON], cwd=tmp_path)
         assert code == 0, out[-3000:]
         assert f"SUMMARY {mode} 20" in out and "LOADED" in out
-    code, out = run([sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "--script", str(script),
-                     str(tmp_path / "ps"), "mode=ps", *COMMON], cwd=tmp_path)
+    code, out = run(train_command("--script", script, tmp_path / "ps", "mode=ps", *COMMON, nproc=3), cwd=tmp_path)
     assert code == 0, out[-3000:]
     assert out.count("SUMMARY ps 20") == 1 and "LOADED" in out  # only the server returns the summary
 

@@ -4,8 +4,6 @@ import json
 import os
 import pickle
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import DIGITS, config, final, run_command, summary, train_command, train_crashing_at
 from lte.data import TrainBatches, build_data
 from lte.data.vision import Normalize, center_box, random_resized_box
 from lte.errors import ConfigError, DataError
 from lte.train.cli import main
 from lte.train.config import load_config
-from lte.train.engine import Engine
 from lte.train.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.yaml")
 
 
 def digit_folder(root: Path, classes=4, per_class_train=12, per_class_val=4, size=24) -> Path:
@@ -47,6 +42,14 @@ def digit_folder(root: Path, classes=4, per_class_train=12, per_class_val=4, siz
     return root
 
 
+def one_image_folder(root: Path, pixels: np.ndarray, name="x.png", **save) -> str:
+    """An image folder of one class holding the same image in train/ and val/."""
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels).save(root / split / "a" / name, **save)
+    return str(root)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return digit_folder(tmp_path_factory.mktemp("digits_folder"))
@@ -66,10 +69,7 @@ def test_eval_transform_is_resize_then_center_crop(tmp_path):
     the centre 224 square of the file's pixels."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
-    for split in ("train", "val"):
-        (tmp_path / split / "a").mkdir(parents=True)
-        Image.fromarray(pixels).save(tmp_path / split / "a" / "x.png")
-    data = build_data("imagefolder", 0, {"root": str(tmp_path), "workers": 0})
+    data = build_data("imagefolder", 0, {"root": one_image_folder(tmp_path, pixels), "workers": 0})
     x, _ = data.eval.gather(torch.tensor([0]))
     assert torch.equal(x[0], torch.from_numpy(pixels[16:240, 48:272]))
 
@@ -81,10 +81,7 @@ def test_train_transform_matches_torchvision_resized_crop_and_flip(tmp_path):
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    for split in ("train", "val"):
-        (tmp_path / split / "a").mkdir(parents=True)
-        Image.fromarray(pixels).save(tmp_path / split / "a" / "x.png")
-    data = build_data("imagefolder", 0, {"root": str(tmp_path), "image_size": 32, "workers": 0})
+    data = build_data("imagefolder", 0, {"root": one_image_folder(tmp_path, pixels), "image_size": 32, "workers": 0})
     keys = torch.arange(24) * 1_000_003
     x, _ = data.train.gather(torch.zeros(24, dtype=torch.long), keys)
     flips = 0
@@ -120,11 +117,9 @@ def test_fast_decode_stays_close_to_a_full_decode(tmp_path):
     """A large JPEG crop decoded at a reduced DCT scale differs little from decoding it whole."""
     yy, xx = np.mgrid[0:600, 0:800]
     smooth = np.stack([(xx / 800 * 255), (yy / 600 * 255), ((xx + yy) / 1400 * 255)], -1).astype(np.uint8)
-    for split in ("train", "val"):
-        (tmp_path / split / "a").mkdir(parents=True)
-        Image.fromarray(smooth).save(tmp_path / split / "a" / "x.jpg", quality=95)
-    fast = build_data("imagefolder", 0, {"root": str(tmp_path), "image_size": 64, "workers": 0})
-    full = build_data("imagefolder", 0, {"root": str(tmp_path), "image_size": 64, "workers": 0, "fast_decode": False})
+    root = one_image_folder(tmp_path, smooth, "x.jpg", quality=95)
+    fast = build_data("imagefolder", 0, {"root": root, "image_size": 64, "workers": 0})
+    full = build_data("imagefolder", 0, {"root": root, "image_size": 64, "workers": 0, "fast_decode": False})
     a, _ = fast.eval.gather(torch.tensor([0]))
     b, _ = full.eval.gather(torch.tensor([0]))
     assert (a.float() - b.float()).abs().mean() < 2.0
@@ -265,17 +260,14 @@ def test_ps_with_image_files_and_workers_equals_simulated_heads(folder, tmp_path
     with 2 workers x 2 heads trains exactly the 4 simulated heads."""
     common = ["worker.base_dtype=fp32", "train.steps=10", "lte.heads=4"]
     shape = dict(workers=1, model=TINY_MIXER, image_size=64)
-    ps = subprocess.run([sys.executable, "-m", "lte.train", "--nproc-per-node", "3", "--config", DIGITS,
-                         *image_run(folder, tmp_path / "ps", *common, "mode=ps", "worker.heads=2", **shape)],
-                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                        timeout=240)
-    assert ps.returncode == 0, ps.stdout[-3000:] + ps.stderr[-3000:]
+    code, out = run_command(train_command("--config", DIGITS, *image_run(folder, tmp_path / "ps", *common, "mode=ps",
+                                                                         "worker.heads=2", **shape), nproc=3))
+    assert code == 0, out[-3000:]
     train(load_config(DIGITS, image_run(folder, tmp_path / "lte", *common, "mode=lte", **shape)))
-    a = torch.load(tmp_path / "ps" / "final.pt", weights_only=True)
-    b = torch.load(tmp_path / "lte" / "final.pt", weights_only=True)
+    a, b = final(tmp_path / "ps"), final(tmp_path / "lte")
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
-    ev = [json.loads((tmp_path / m / "summary.json").read_text())["eval"]["loss"] for m in ("ps", "lte")]
+    ev = [summary(tmp_path / m)["eval"]["loss"] for m in ("ps", "lte")]
     assert ev[0] == pytest.approx(ev[1], abs=1e-5)
 
 
@@ -286,17 +278,7 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
         return load_config(DIGITS, image_run(folder, tmp_path / name, "train.steps=10", "checkpoint.every=1"))
 
     train(cfg("whole"))
-    real_step = Engine.train_step
-
-    def crash_at_13(self):
-        if self.step == 7:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(Engine, "train_step", crash_at_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg("cut"))
-    monkeypatch.setattr(Engine, "train_step", real_step)
+    train_crashing_at(cfg("cut"), 7)
     seen = []
     real_get = TrainBatches.get
 
@@ -305,10 +287,9 @@ def test_restart_resumes_at_the_same_data_position(folder, tmp_path, monkeypatch
         return real_get(self, step)
 
     monkeypatch.setattr(TrainBatches, "get", record)
-    summary = train(cfg("cut"))
-    assert summary["steps"] == 10 and seen == list(range(5, 10))  # nothing before step 5 is read again
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
+    resumed = train(cfg("cut"))
+    assert resumed["steps"] == 10 and seen == list(range(5, 10))  # nothing before step 5 is read again
+    a, b = final(tmp_path / "whole"), final(tmp_path / "cut")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
@@ -323,13 +304,12 @@ def test_imagenet100_config_starts_with_one_command(tmp_path):
         for i, name in enumerate([*names, "n99999999"]):
             (tmp_path / split / name).mkdir(parents=True)
             Image.new("RGB", (40, 30), (i, 255 - i, 7)).save(tmp_path / split / name / "a.JPEG")
-    code = main(["--config", str(ROOT / "configs" / "vit_s32_imagenet100.yaml"), f"data.args.root={tmp_path}",
+    code = main(["--config", config("vit_s32_imagenet100"), f"data.args.root={tmp_path}",
                  "data.args.image_size=32", "data.args.workers=0", f"out_dir={tmp_path / 'run'}",
                  "model.args={embed_dim: 32, depth: 1, num_heads: 2}", "model.args.patch_size=16", "train.steps=1",
                  "train.batch_size=32", "train.warmup_steps=1", "train.compile=false", "lte.merge_every=1",
                  "eval.batch_size=100"])
     assert code == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["merges"] == 1 and summary["heads"] == 32 and 0 <= summary["eval"]["accuracy"] <= 1
-    weights = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
-    assert weights["head.weight"].shape[0] == 100
+    s = summary(tmp_path / "run")
+    assert s["merges"] == 1 and s["heads"] == 32 and 0 <= s["eval"]["accuracy"] <= 1
+    assert final(tmp_path / "run")["head.weight"].shape[0] == 100

@@ -2,10 +2,6 @@
 mode and export into the plain model; torchvision's ViT is converted to nn.Linear attention with
 unchanged outputs."""
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,13 +9,12 @@ import torch
 import torchvision
 
 import lte
+from helpers import DIGITS, config, final, run_command, train_command
 from lte.models import create_model
 from lte.models.torchvision_vit import fused_state_dict, linear_attention
 from lte.train.config import load_config
 from lte.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.yaml")
 # patch 32 kept (timm's mixer_*32 do not take another), on 64 px images: 4 patches
 TINY = {"vit": {"embed_dim": 16, "depth": 1, "num_heads": 2}, "mixer": {"embed_dim": 16, "num_blocks": 1}}
 SYNTHETIC = ["data.name=synthetic", "data.args={train_size: 64, test_size: 16, img_size: 64, num_classes: 5}"]
@@ -62,7 +57,7 @@ def test_trains_in_lte_and_full_mode_and_exports_into_the_plain_model(tmp_path, 
                                    "lte.merge_every=1", "train.log_every=1"])
         summary = train(cfg)
         assert summary["steps"] == 2 and summary["merges"] == (2 if mode == "lte" else 0)
-        weights = torch.load(tmp_path / mode / "final.pt", weights_only=True)
+        weights = final(tmp_path / mode)
         model = plain(name, num_classes=5, img_size=64, **args)
         model.load_state_dict(weights, strict=True)
         before = plain(name, num_classes=5, img_size=64, **args).state_dict()
@@ -73,15 +68,13 @@ def test_trains_in_lte_and_full_mode_and_exports_into_the_plain_model(tmp_path, 
 @pytest.mark.parametrize("mode,nproc", [("ddp", 2)])
 def test_mixer_in_distributed_modes(tmp_path, mode, nproc):
     args = tiny_args("mixer_s32_224")
-    proc = subprocess.run([sys.executable, "-m", "lte.train", "--nproc-per-node", str(nproc), "--config", DIGITS,
-                           f"out_dir={tmp_path}", f"mode={mode}", "model.name=mixer_s32_224", f"model.args={args}",
-                           *SYNTHETIC, "train.steps=4", "train.batch_size=8", "lte.merge_every=2", "lte.heads=2",
-                           "worker.base_dtype=fp32", "train.log_every=2"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, out = run_command(train_command("--config", DIGITS, f"out_dir={tmp_path}", f"mode={mode}",
+                                          "model.name=mixer_s32_224", f"model.args={args}", *SYNTHETIC,
+                                          "train.steps=4", "train.batch_size=8", "lte.merge_every=2", "lte.heads=2",
+                                          "worker.base_dtype=fp32", "train.log_every=2", nproc=nproc))
+    assert code == 0, out[-3000:]
     model = plain("mixer_s32_224", num_classes=5, img_size=64, **args)
-    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True), strict=True)
+    model.load_state_dict(final(tmp_path), strict=True)
 
 
 def tiny_torchvision_vit(dropout=0.0):
@@ -136,7 +129,7 @@ def test_torchvision_vit_by_name_in_a_run(tmp_path):
                                "model.args={num_layers: 1, num_heads: 2, hidden_dim: 16, mlp_dim: 32}",
                                *SYNTHETIC, "train.steps=2", "train.batch_size=8", "lte.merge_every=1"])
     assert train(cfg)["merges"] == 2
-    weights = fused_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
+    weights = fused_state_dict(final(tmp_path))
     torchvision.models.VisionTransformer(image_size=64, patch_size=32, num_layers=1, num_heads=2, hidden_dim=16,
                                          mlp_dim=32, num_classes=5).load_state_dict(weights, strict=True)
 
@@ -155,7 +148,7 @@ PAPER_CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_paper_configs_hold_table_5(name):
-    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    cfg = load_config(config(name))
     model, data, batch, lr, lte_lr = PAPER_CONFIGS[name]
     assert (cfg.model.name, cfg.data.name, cfg.train.batch_size) == (model, data, batch)
     assert cfg.train.lr == pytest.approx(lr) and cfg.lte.lr == pytest.approx(lte_lr)

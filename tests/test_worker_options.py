@@ -1,6 +1,5 @@
 """Per-worker memory options in the trainer: config refusals, digits runs with lora_fa, velora and
 local chunks, exact resumption, and a parameter-server run whose two workers differ."""
-import json
 import math
 
 import pytest
@@ -15,7 +14,8 @@ from lte.train.chunks import LocalChunks
 from lte.train.cli import main
 from lte.train.config import load_config, resolve_heads
 from lte.train.trainer import train
-from test_dist import DIGITS, run, summary
+from helpers import DIGITS, final, metrics, summary
+from test_dist import run
 
 SMALL = "model.args={embed_dim: 32, depth: 2, num_heads: 2}"
 
@@ -54,7 +54,7 @@ def test_digits_train_with_each_option(tmp_path, option):
     s = train(load_config(DIGITS, [f"out_dir={tmp_path}", "train.steps=300", "train.log_every=100", "eval.every=0",
                                    "model.args={embed_dim: 64, depth: 2, num_heads: 4}", "lte.lr=6e-3", *option]))
     assert s["eval"]["accuracy"] > 0.5, s["eval"]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path)
     if option == ["worker.chunks=2"]:
         rounds = [r for r in rows if "chunk_losses" in r]
         assert [r["step"] for r in rounds] == list(range(10, 301, 10))  # every round logs each chunk's loss
@@ -81,7 +81,7 @@ def test_resume_with_velora_and_chunks_is_exact(tmp_path, monkeypatch):
     assert train(cut)["steps"] == 20
     last = max((tmp_path / "cut").glob("checkpoint-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
     assert torch.load(last, weights_only=True)["model"]["blocks.0.attn.qkv.velora_v"].any()  # v is in the state
-    whole, cut = (torch.load(tmp_path / d / "final.pt", weights_only=True) for d in ("whole", "cut"))
+    whole, cut = final(tmp_path / "whole"), final(tmp_path / "cut")
     for key in whole:
         torch.testing.assert_close(cut[key], whole[key], rtol=0, atol=0, msg=key)
 
@@ -145,5 +145,4 @@ def test_mixed_workers_finish_and_hold_the_servers_base(tmp_path):
     assert per_rank[0]["bytes_sent"] == per_rank[1]["bytes_received"] + per_rank[2]["bytes_received"]
     # the LoRA-FA worker's factors: B alone, the server re-draws A
     assert upload[1] - pad(4 * 8) == b_and_replicas
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(len(r["chunk_losses"]["1"]) == 2 for r in rows)  # worker rank 1's per-chunk losses
+    assert all(len(r["chunk_losses"]["1"]) == 2 for r in metrics(tmp_path))  # worker rank 1's per-chunk losses

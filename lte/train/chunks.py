@@ -249,8 +249,8 @@ class LocalChunks:
             for j in range(steps):
                 if chunk == 0:  # the round's batches, kept for the later chunks (in host memory on a GPU)
                     x, y = engine.batches.get(start + j)
-                    batches.append((to_device(x, torch.device("cpu")), to_device(y, torch.device("cpu"))) if self.offload
-                                   else (x, y))
+                    host = torch.device("cpu")
+                    batches.append((to_device(x, host), to_device(y, host)) if self.offload else (x, y))
                 else:
                     x, y = batches[j]
                 feed = None if cache is None else cache[j].to(self.device, non_blocking=True)
