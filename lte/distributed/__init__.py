@@ -19,15 +19,17 @@ def run_distributed(cfg: Config) -> dict | None:
     env = dist_env.init(cfg)
     device = env.device if env.backend == "nccl" else torch.device("cpu")
     exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s)
-    broken = False
+    broken = finished = False
     try:
-        return _run_role(cfg, env, exchange)
+        summary = _run_role(cfg, env, exchange)
+        finished = True
+        return summary
     except PeerError:
         broken = True  # tearing the group down could block on the dead peer
         raise
     finally:
         if not broken:
-            dist_env.shutdown()
+            dist_env.shutdown(together=finished)
 
 
 def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:

@@ -111,6 +111,16 @@ def _store(rank: int, world: int, restart: int, timeout: timedelta) -> dist.Stor
     return dist.PrefixStore(f"lte/attempt-{restart}/", store)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(together: bool) -> None:
+    """Leave the group. together: the run ended normally here, as it does on every rank; then no
+    rank tears its connections down before every rank is past its last collective (a worker once
+    died with SIGABRT, "terminate called without an active exception", at the end of a finished
+    run). A rank that stops on an error leaves at once, so its peers' collectives fail fast."""
+    if not dist.is_initialized():
+        return
+    if together:
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistError):
+            pass  # a peer already gone: leave anyway
+    dist.destroy_process_group()
