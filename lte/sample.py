@@ -10,13 +10,14 @@ to the top k; temperature 0 takes the most likely token).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, UserError
+from .models import stated_sizes
+from .train import tasks
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, bloc
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Continue the token ids `ids` (B x T) by `new_tokens`, seeing at most block_size tokens at a time."""
     for _ in range(new_tokens):
-        logits = model(ids[:, -block_size:])[:, -1, :].float()
+        logits = tasks.logits(model(ids[:, -block_size:]))[:, -1, :].float()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -40,24 +41,13 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, bloc
 
 def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
     """(model with the run's trained weights, in eval mode, and its data's tokenizer)."""
-    from .data import build_data
-    from .train.config import config_from_dict
-    from .train.rundir import load_model_state
-    from .train.engine import build_model
+    from .train.results import load_run as load_model
 
-    config_path, weights_path = run_dir / "config.json", run_dir / weights
-    if not config_path.is_file():
-        raise UserError(f"{config_path} not found: --run must be the out_dir of an lte-train run")
-    if not weights_path.is_file():
-        raise UserError(f"{weights_path} not found (did the run finish?)")
-    cfg = config_from_dict(json.loads(config_path.read_text()))
-    data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+    model, cfg, data = load_model(run_dir, device, weights)
     if data.task != "language_model" or data.tokenizer is None:
         raise UserError(f"the run in {run_dir} did not train a language model with a tokenizer "
                         f"(data.name={cfg.data.name}, task {data.task})")
-    model = build_model(cfg, data, device)
-    load_model_state(model, torch.load(weights_path, map_location=device, weights_only=True), weights_path)
-    return model.eval(), data.tokenizer
+    return model, data.tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--prompt: {exc}") from None
         if not prompt:
             raise UserError("--prompt must hold at least one token")
-        block = getattr(model, "block_size", None) or len(prompt) + args.tokens
+        block = stated_sizes(model)[1] or len(prompt) + args.tokens
         ids = generate(model, torch.tensor([prompt], device=device), args.tokens, block_size=block,
                        temperature=args.temperature, top_k=args.top_k,
                        generator=torch.Generator(device).manual_seed(args.seed))

@@ -9,7 +9,7 @@ from ..memory import FORMATS, Activations, BaseFormat, check_reset, get_activati
 from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
 
 RESETS = ("b", "none", "ab")
-OTHER_PARAMS = ("replica", "frozen")
+OTHER_PARAMS = ("replica", "frozen", "replica_all")
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,12 @@ class LTEConfig:
     reset:        what a merge does to the heads afterwards: "b" zeroes B and keeps A and the
                   optimizer state (paper Alg. 1); "ab" also re-draws A; "none" keeps both and
                   merges only what changed since the previous merge.
-    other_params: trainable parameters outside nn.Linear (norm affine, biases, embeddings,
+    other_params: trainable parameters outside the linear layers (norm affine, biases, embeddings,
                   position embeddings, class tokens): "replica" trains one copy per head and
-                  averages them at merge; "frozen" keeps them at their initial value.
+                  averages them at merge; "frozen" keeps them at their initial value. A weight of
+                  2 or more dimensions on a module type lte does not know (not a linear layer it
+                  recognises, an embedding or a convolution) is refused with "replica", since a
+                  full-rank copy per head is what LTE exists to avoid; "replica_all" accepts it.
     patch_conv:   turn a Conv2d whose kernel equals its stride (a ViT/Mixer patch embedding)
                   into an LTE linear; other convolutions follow `other_params`.
     seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the

@@ -15,6 +15,9 @@ option from lte.memory.activations (full, lora_fa: A frozen, velora: compressed 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,10 +31,11 @@ class LTELinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
                  scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None,
-                 activations: Activations | None = None):
+                 activations: Activations | None = None, transposed: bool = False):
         super().__init__()
-        out_features, in_features = weight.shape
+        out_features, in_features = weight.shape  # the out x in matrix, whatever the original layout
         self.in_features, self.out_features = in_features, out_features
+        self.transposed = transposed  # the original module stores in x out (transformers' Conv1D)
         self.heads, self.rank, self.scale = heads, rank, scale
         self.activations = activations or get_activations("full")
         self.base = base or get_format("fp32")
@@ -60,7 +64,13 @@ class LTELinear(nn.Module):
 
     @property
     def export_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
+        """The shape of the original module's weight."""
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+
+    def export_weight(self) -> torch.Tensor:
+        """The merged weight in the original module's layout."""
+        w = self.dense_weight()
+        return w.T.contiguous() if self.transposed else w.reshape(self.export_shape).clone()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,6 +147,45 @@ class LTEPatchConv(LTELinear):
         return y.transpose(1, 2).reshape(b, self.out_features, gh, gw)
 
 
+@dataclass(frozen=True)
+class LinearType:
+    """A kind of module that is a linear map y = x W^T + b, which prepare turns into an LTE layer.
+    Its weight is the parameter `weight` and its bias, if any, `bias` (the keys export writes)."""
+
+    name: str
+    matches: Callable[[nn.Module, bool], bool]       # (module, LTEConfig.patch_conv) -> is one
+    matrix: Callable[[nn.Module], torch.Tensor]      # its weight as the out x in matrix (a view)
+    transposed: bool = False                         # its weight is stored in x out
+    make: Callable[..., LTELinear] | None = None     # its own LTE layer class, if a plain one will not do
+
+    def build(self, module: nn.Module, **layer_options) -> LTELinear:
+        if self.make is not None:
+            return self.make(module, **layer_options)
+        bias = getattr(module, "bias", None)
+        return LTELinear(self.matrix(module).detach(), None if bias is None else bias.detach(),
+                         transposed=self.transposed, **layer_options)
+
+
+LINEAR_TYPES: list[LinearType] = []  # the dispatcher prepare asks, in order
+
+
+def register_linear(linear: LinearType) -> LinearType:
+    """Teach prepare a module type that is a linear layer (see LinearType; ours are at the end of
+    this file)."""
+    LINEAR_TYPES.append(linear)
+    return linear
+
+
+def linear_type(module: nn.Module, patch_conv: bool) -> LinearType | None:
+    return next((t for t in LINEAR_TYPES if t.matches(module, patch_conv)), None)
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # by name, so that transformers stays an optional dependency
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
 def _buffer_name(part: str) -> str:
     return f"weight_{part}" if part else "weight"
 
@@ -146,3 +195,10 @@ def is_patch_conv(module: nn.Module) -> bool:
     return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride)
             and module.groups == 1 and tuple(module.dilation) == (1, 1)
             and module.padding in ((0, 0), 0, "valid") and module.padding_mode == "zeros")
+
+
+register_linear(LinearType("nn.Linear", lambda m, _: isinstance(m, nn.Linear), lambda m: m.weight))
+register_linear(LinearType("patch Conv2d", lambda m, patch_conv: patch_conv and is_patch_conv(m),
+                           lambda m: m.weight.flatten(1), make=LTEPatchConv))
+register_linear(LinearType("transformers Conv1D", lambda m, _: _is_transformers_conv1d(m), lambda m: m.weight.T,
+                           transposed=True))

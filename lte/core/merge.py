@@ -9,6 +9,7 @@ owns the master "P" and the heads "P_heads" (N x *P.shape).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,18 @@ class MergeSpec:
     replicas: tuple[str, ...]    # parameter names (incl. LTE layer biases); heads key f"{P}_heads"
     scale: float                 # s = alpha / rank
     resetless: bool = False      # reset="none": merge B A - B0 A0 (what changed since last merge)
+    transposed: tuple[str, ...] = ()  # layers whose master weight is stored in x out (transformers' Conv1D)
+
+    def matrix(self, layer: str, weight: torch.Tensor) -> torch.Tensor:
+        """A layer's master weight as its out x in matrix: a view, so writing to it writes the master
+        (a patch conv's out x C x kh x kw flattens; a transposed layer's in x out transposes)."""
+        return weight.T if layer in self.transposed else weight.view(weight.shape[0], -1)
+
+    def matrix_shape(self, layer: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The out x in shape of a layer whose master weight has `shape`."""
+        if layer in self.transposed:
+            return (shape[1], shape[0])
+        return (shape[0], math.prod(shape[1:]))
 
     def master_keys(self) -> list[str]:
         return [key(layer, "weight") for layer in self.layers] + list(self.replicas)
@@ -72,8 +85,7 @@ def merge_into(master: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], 
         if spec.resetless:
             A = torch.cat([A, heads[key(layer, "lora_A0")]], dim=1)
             B = torch.cat([B, -heads[key(layer, "lora_B0")]], dim=2)
-        W = master[key(layer, "weight")]
-        delta = lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale)
-        W.add_(delta.view(W.shape).to(W.dtype))
+        W = spec.matrix(layer, master[key(layer, "weight")])
+        W.add_(lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale).to(W.dtype))
     for name in spec.replicas:
         master[name].copy_(pick(heads[name + HEADS_SUFFIX]).float().mean(0))

@@ -19,9 +19,9 @@ from ..errors import ModelError
 from ..memory import Activations, BaseFormat
 from .config import LTEConfig
 from .init import init_lora_A
-from .linear import LTELinear, LTEPatchConv, is_patch_conv
+from .linear import LINEAR_TYPES, LTELinear, linear_type
 from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
-from .replica import make_headwise, replicate, split_batches
+from .replica import HeadSplit, make_headwise, replicate, split_batches
 
 MERGES_KEY = "lte_merges"
 
@@ -52,22 +52,28 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
                 "nn.Linear), or build the model with such attention (timm's ViT has it)")
     _refuse_tied(model)
 
-    layers, replicas, to_replicate = [], [], []
+    layers, transposed, replicas, to_replicate = [], [], [], []
     for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (cfg.patch_conv and is_patch_conv(module)):
+        linear = linear_type(module, cfg.patch_conv)
+        if linear is not None:
             layers.append(path)
-            if module.bias is not None and module.bias.requires_grad and cfg.other_params == "replica":
+            if linear.transposed:
+                transposed.append(path)
+            bias = getattr(module, "bias", None)
+            if bias is not None and bias.requires_grad and cfg.other_params != "frozen":
                 replicas.append(_join(path, "bias"))
             continue
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or cfg.other_params == "frozen":
                 continue
-            _check_replicable(model, path, module, pname, param)
+            _check_replicable(cfg, path, module, pname, param)
             replicas.append(_join(path, pname))
             to_replicate.append((path, pname))
     if not layers:
-        raise ModelError(f"model {type(model).__name__} has no nn.Linear layer for LTE to train")
-    spec = MergeSpec(tuple(layers), tuple(replicas), cfg.scale, resetless=cfg.reset == "none")
+        raise ModelError(f"model {type(model).__name__} has no nn.Linear layer for LTE to train, nor another "
+                         f"linear layer type lte knows ({', '.join(t.name for t in LINEAR_TYPES)})")
+    spec = MergeSpec(tuple(layers), tuple(replicas), cfg.scale, resetless=cfg.reset == "none",
+                     transposed=tuple(transposed))
     return spec, to_replicate
 
 
@@ -85,8 +91,9 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
         raise ModelError("model is already prepared for LTE")
     spec, to_replicate = plan(model, cfg)
     base_format, activations = cfg.base_format(), cfg.activation_option
-    activations.check_widths({path or type(model).__name__: model.get_submodule(path).weight[0].numel()
-                              for path in spec.layers})  # a linear's in_features; a patch conv's C*kh*kw
+    widths = {path or type(model).__name__: spec.matrix(path, model.get_submodule(path).weight).shape[1]
+              for path in spec.layers}  # in_features; a patch conv's C*kh*kw
+    activations.check_widths(widths)
     root = _swap_layers(model, spec, cfg, first_head, base=base_format, activations=activations)
     _replicate(root, to_replicate, cfg.heads)
     root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
@@ -101,15 +108,12 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
 
 def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: int, **layer_kw) -> nn.Module:
     """Every planned layer replaced by an LTE layer; the root (the new layer if the model was one)."""
-    layer_kw.update(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, train_bias=cfg.other_params == "replica",
+    layer_kw.update(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, train_bias=cfg.other_params != "frozen",
                     resetless=cfg.reset == "none")
     root = model
     for path in spec.layers:
         old = model.get_submodule(path)
-        if isinstance(old, nn.Linear):
-            new = LTELinear(old.weight.detach(), None if old.bias is None else old.bias.detach(), **layer_kw)
-        else:
-            new = LTEPatchConv(old, **layer_kw)
+        new = linear_type(old, cfg.patch_conv).build(old, **layer_kw)
         new.train(old.training)
         init_lora_A(new.lora_A, path, cfg.seed, first_head)
         if new.lora_A0 is not None:
@@ -125,7 +129,7 @@ def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: 
 def _replicate(root: nn.Module, to_replicate: list[tuple[str, str]], heads: int) -> None:
     """Per-head copies of the other parameters: a leaf module runs per head under vmap; a parameter of
     a module with children is shadowed per sample by the root's batch split (lte.core.replica)."""
-    loose, leaf_params = [], {}
+    loose, leaf_params, split = [], {}, HeadSplit(heads)
     for path, pname in to_replicate:
         owner = root.get_submodule(path)
         if next(owner.children(), None) is None:
@@ -134,8 +138,8 @@ def _replicate(root: nn.Module, to_replicate: list[tuple[str, str]], heads: int)
             replicate(owner, pname, heads)
             loose.append((owner, pname))
     for path, names in leaf_params.items():
-        make_headwise(root.get_submodule(path), names, heads)
-    split_batches(root, heads, loose)
+        make_headwise(root.get_submodule(path), path, names, split)
+    split_batches(root, split, loose)
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -182,7 +186,8 @@ def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The merged weights the model trains against, by state_dict key (views, not copies).
+    """The merged weights the model trains against, by state_dict key (views, not copies), each in
+    the original module's layout, as a parameter server's plain model holds them.
 
     In simulated mode these buffers are the master copy that a merge updates in place; a worker
     of a parameter server receives them from the server instead.
@@ -192,7 +197,10 @@ def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ModelError(f"this model stores its base as {state.base.name}; it cannot hold the fp32 "
                          "master weights a merge updates (a parameter server holds them)")
     sd = model.state_dict(keep_vars=True)
-    return {key: sd[key] for key in state.spec.master_keys()}
+    master = {key: sd[key] for key in state.spec.master_keys()}
+    for layer in state.spec.transposed:  # an LTE layer stores out x in; transformers' Conv1D in x out
+        master[_join(layer, "weight")] = master[_join(layer, "weight")].T
+    return master
 
 
 @torch.no_grad()
@@ -288,7 +296,7 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
         skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False) if name.startswith("weight_")}
     out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
     for path, layer in lte_layers(model):
-        out[_join(path, "weight")] = layer.dense_weight().reshape(layer.export_shape).clone()
+        out[_join(path, "weight")] = layer.export_weight()
     return out
 
 
@@ -304,7 +312,13 @@ def _refuse_tied(model: nn.Module) -> None:
                                  "untie them before prepare")
 
 
-def _check_replicable(model, path, module, pname, param) -> None:
+# Module types whose weights of 2+ dimensions are not linear layers (lookups, convolutions): trained as
+# a copy per head under other_params="replica" without being named.
+REPLICA_WEIGHT_TYPES = (nn.Embedding, nn.EmbeddingBag, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                        nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _check_replicable(cfg: LTEConfig, path, module, pname, param) -> None:
     name = _join(path, pname)
     if next(module.children(), None) is None:
         stats = [b for b, t in module.named_buffers(recurse=False) if t is not None]
@@ -312,6 +326,14 @@ def _check_replicable(model, path, module, pname, param) -> None:
             raise ModelError(
                 f"module '{path}' ({type(module).__name__}) keeps running statistics {stats}, which "
                 "per-head training cannot share; use a model without them or LTEConfig(other_params='frozen')")
+        if param.dim() >= 2 and not isinstance(module, REPLICA_WEIGHT_TYPES) and cfg.other_params != "replica_all":
+            mib = cfg.heads * param.numel() * 16 / 2**20  # value, gradient and two AdamW moments, fp32
+            raise ModelError(
+                f"module '{path}' ({type(module).__name__}) has a weight '{pname}' of shape {tuple(param.shape)} that "
+                f"lte does not know as a linear layer; a full-rank copy per head would cost {mib:,.2f} MiB "
+                f"({cfg.heads} heads x {param.numel():,} values x 16 bytes with gradient and AdamW moments). If it "
+                "is a linear layer, register its type with lte.core.register_linear; to train the copies anyway, "
+                "LTEConfig(other_params='replica_all'); to keep it at its initial value, other_params='frozen'")
         return
     if param.dim() == 0 or param.shape[0] != 1:
         raise ModelError(

@@ -57,28 +57,47 @@ def shadowed(module: nn.Module, tensors: dict[str, torch.Tensor]):
         swap_buffers(module, replaced)
 
 
+class HeadSplit:
+    """The batch split of the training forward under way, which the root's forward sets and its
+    per-head leaf modules read: a leaf whose input has a batch of 1 (position ids, which models
+    broadcast over the batch) gives every sample its own head's copy, and so needs to know how many
+    samples each head holds."""
+
+    def __init__(self, heads: int):
+        self.heads = heads
+        self.per_head: int | None = None  # None outside a training forward of the root
+
+
 def _headwise_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
     cls_forward = type(self).forward
     if not self.training:
         return cls_forward(self, x, *args, **kwargs)
     stacks = {name: getattr(self, name + HEADS_SUFFIX) for name in self._lte_replicas}
     n = next(iter(stacks.values())).shape[0]
-    if x.shape[0] % n:
-        raise BatchError(f"a batch of {x.shape[0]} does not split into {n} equal head slices")
 
     def one_head(params, xh):
         with shadowed(self, params):
             return cls_forward(self, xh, *args, **kwargs)
 
+    if x.shape[0] == 1 and n > 1:  # broadcast over the batch: every head's copy on the one input
+        per_head = self._lte_split.per_head
+        if per_head is None:
+            raise BatchError(f"{self._lte_path}: an input with a batch of 1 outside a training forward of the "
+                             "prepared model, so the batch it broadcasts over is not known")
+        out = torch.func.vmap(one_head, in_dims=(0, None))(stacks, x)  # heads x 1 x ...
+        return out.expand(n, per_head, *out.shape[2:]).reshape(n * per_head, *out.shape[2:])
+    if x.shape[0] % n:
+        raise BatchError(f"{self._lte_path}: a batch of {x.shape[0]} does not split into {n} equal head slices")
     out = torch.func.vmap(one_head)(stacks, x.reshape(n, x.shape[0] // n, *x.shape[1:]))
     return out.reshape(x.shape[0], *out.shape[2:])
 
 
-def make_headwise(module: nn.Module, names: list[str], heads: int) -> None:
+def make_headwise(module: nn.Module, path: str, names: list[str], split: HeadSplit) -> None:
     """Replicate `names` on a leaf module and give it a per-head forward."""
     for name in names:
-        replicate(module, name, heads)
+        replicate(module, name, split.heads)
     module._lte_replicas = tuple(names)
+    module._lte_split, module._lte_path = split, f"module '{path}' ({type(module).__name__})"
     module.forward = types.MethodType(_headwise_forward, module)
 
 
@@ -92,41 +111,40 @@ def _split_forward(self: nn.Module, *args, **kwargs):
     cls_forward = type(self).forward
     if not self.training:
         return cls_forward(self, *args, **kwargs)
-    heads, loose = self._lte_heads, self._lte_loose
-    batch = _batch_size(args, kwargs)
-    if batch is None or not loose:
-        if batch is not None and batch % heads:
-            raise _split_error(batch, heads)
+    split, loose = self._lte_split, self._lte_loose
+    name, batch = _batch_input(args, kwargs)
+    if batch is None:
         return cls_forward(self, *args, **kwargs)
-    if batch % heads:
-        raise _split_error(batch, heads)
-    per_head = batch // heads
+    if batch % split.heads:
+        raise BatchError(f"training input {name} has a batch of {batch} samples, which does not split into "
+                         f"{split.heads} heads: the batch size must be a multiple of the number of heads "
+                         f"({split.heads})")
+    split.per_head = per_head = batch // split.heads
     swapped = []
-    for owner, name in loose:
-        stack = getattr(owner, name + HEADS_SUFFIX)  # N x 1 x rest
+    for owner, pname in loose:
+        stack = getattr(owner, pname + HEADS_SUFFIX)  # N x 1 x rest
         rest = stack.shape[2:]
-        swapped.append((owner, swap_buffers(owner, {name: stack.expand(heads, per_head, *rest).reshape(batch, *rest)})))
+        per_sample = stack.expand(split.heads, per_head, *rest).reshape(batch, *rest)
+        swapped.append((owner, swap_buffers(owner, {pname: per_sample})))
     try:
         return cls_forward(self, *args, **kwargs)
     finally:
+        split.per_head = None
         for owner, replaced in swapped:
             swap_buffers(owner, replaced)
 
 
-def split_batches(root: nn.Module, heads: int, loose: list[tuple[nn.Module, str]]) -> None:
+def split_batches(root: nn.Module, split: HeadSplit, loose: list[tuple[nn.Module, str]]) -> None:
     """Give the root module the per-head batch split (its class is left as it was)."""
-    root._lte_heads = heads
+    root._lte_split = split
     root._lte_loose = tuple(loose)
     root.forward = types.MethodType(_split_forward, root)
 
 
-def _split_error(batch: int, heads: int) -> BatchError:
-    return BatchError(f"training batch of {batch} samples does not split into {heads} heads: "
-                      f"the batch size must be a multiple of the number of heads ({heads})")
-
-
-def _batch_size(args, kwargs) -> int | None:
-    for value in list(args) + list(kwargs.values()):
+def _batch_input(args, kwargs) -> tuple[str | None, int | None]:
+    """The model's main input (its first tensor argument), named, and its batch size."""
+    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"'{k}'", v) for k, v in kwargs.items()]
+    for name, value in named:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
+            return name, value.shape[0]
+    return None, None

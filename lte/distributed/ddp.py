@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import build_data
 from ..errors import ConfigError, UserError
 from ..train.config import Config
-from ..train.log import RunLog
+from ..train.log import say
 from ..train.engine import Engine
 from ..train.rundir import RunDir, Start
 from ..train.trainer import Trainer
@@ -68,7 +68,7 @@ def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:
     if env.rank == 0:
         rundir = RunDir(cfg)
         try:
-            start = rundir.open(say=RunLog.say)
+            start = rundir.open(say=say)
             decision = [{"finished": start.finished, "path": None if start.path is None else str(start.path)}]
         except UserError as exc:
             error, decision = exc, [{"error": str(exc)}]

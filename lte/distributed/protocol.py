@@ -17,7 +17,6 @@ same config (`worker_protocols`), so only bytes travel and everyone knows every 
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 
@@ -33,8 +32,7 @@ def head_shapes(spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], head
     """Shapes of a worker's per-head tensors (heads on dim 0), by state_dict key."""
     shapes = {}
     for layer in spec.layers:
-        out, *rest = master_shapes[key(layer, "weight")]
-        d_in = math.prod(rest)
+        out, d_in = spec.matrix_shape(layer, master_shapes[key(layer, "weight")])
         shapes[key(layer, "lora_A")] = (heads, rank, d_in)
         shapes[key(layer, "lora_B")] = (heads, out, rank)
         if spec.resetless:
@@ -54,7 +52,8 @@ class Protocol:
                  rank: int, fmt: BaseFormat, workers: int, activations: Activations, chunks: int = 1):
         self.spec, self.fmt, self.chunks = spec, fmt, chunks
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
-        self.layer_shapes = {layer: _as_matrix(master_shapes[key(layer, "weight")]) for layer in spec.layers}
+        self.layer_shapes = {layer: spec.matrix_shape(layer, master_shapes[key(layer, "weight")])
+                             for layer in spec.layers}
         frozen_A = not activations.trains_A
         self.redrawn = {key(layer, "lora_A"): layer for layer in spec.layers} if frozen_A else {}
         self.uploaded = [k for k in self.heads if k not in self.redrawn]
@@ -99,8 +98,8 @@ class Protocol:
     def encode_base(self, master: dict[str, torch.Tensor], accepted: torch.Tensor) -> torch.Tensor:
         """The download buffer: the base re-quantized from the fp32 master, merged replicas, accepted mask."""
         tensors = {"accepted": accepted.to(torch.int64)}
-        for layer, shape in self.layer_shapes.items():
-            w = master[key(layer, "weight")].detach().reshape(shape).float()
+        for layer in self.layer_shapes:
+            w = self.spec.matrix(layer, master[key(layer, "weight")].detach()).float().contiguous()
             for part, value in self.fmt.encode(w).items():
                 tensors[_payload_key(layer, part)] = value.cpu()
         for name in self.spec.replicas:
@@ -130,10 +129,6 @@ class Protocol:
 
     def layer_payload(self, views: dict[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:
         return {part: views[_payload_key(layer, part)] for part in self.fmt.layout(self.layer_shapes[layer])}
-
-
-def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-    return (shape[0], math.prod(shape[1:]))
 
 
 def _payload_key(layer: str, part: str) -> str:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..train.clock import RoundClock
 from ..train.config import Config
 from ..train.engine import build_model, eval_batches, evaluate
-from ..train.log import RunLog, peak_memory, progress_line
+from ..train.log import RunLog, peak_memory, say
 from ..train.rundir import RunDir, Start, load_model_state
 from .comm import Exchange, bytes_per_step
 from .env import DistEnv
@@ -84,7 +84,7 @@ class ParameterServer:
         self.rundir = RunDir(cfg)
         self.start = Start()
         try:
-            self.start = self.rundir.open(say=RunLog.say)
+            self.start = self.rundir.open(say=say)
             if self.start.finished is not None:
                 return  # nothing to build: the run in out_dir is done
             self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
@@ -162,9 +162,7 @@ class ParameterServer:
             self.exchange.add(state["comm"])
         self.last_download = self.encode(torch.ones(self.workers, dtype=torch.int64))
         self.send(self.last_download, "the initial base download")
-        cfg = self.cfg
-        self.log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                          wandb_mode=cfg.log.wandb_mode)
+        self.log = RunLog.for_run(self.cfg, self.rundir.path, start=control.step)
         if control.resume:
             self.log.say(f"resumed from {self.start.path} at step {control.step}")
         self.log.say(self.describe())
@@ -233,9 +231,10 @@ class ParameterServer:
             progress.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.env.device,
                                           self.cfg.train.precision)
             row.update({f"eval_{n}": v for n, v in progress.last_eval.items()})
-        if self.clock.logs(progress.step, since=progress.step - steps):
+        logged = self.clock.logs(progress.step, since=progress.step - steps)
+        if logged:
             self.log.log(progress.step, row)
-            self.log.say(progress_line(progress.step, self.cfg.train.steps, row))
+        self.log.progress(progress.step, row if logged else {})
 
     # checkpoints and the end -------------------------------------------------------------
     def collect_state(self, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -266,7 +265,7 @@ class ParameterServer:
         if mismatched:
             self.log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
         summary = self.summarize(progress, self.exchange.counters(), mismatched)
-        self.rundir.write_results(summary, self.model.state_dict())
+        self.rundir.write_results(summary, self.model.state_dict(), self.model, self.data)
         self.checkpoint(progress, *final_state, finished=True, summary=summary)
         self.log.finish(summary)
         self.log.say(f"summary: eval {progress.last_eval}, {progress.merges} merges, {progress.rejected} rejected "

@@ -17,7 +17,7 @@ from torch import nn
 from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches
 from ..errors import ConfigError
-from ..models import create_model
+from ..models import create_model, stated_sizes
 from .chunks import LocalChunks
 from .config import Config
 from .rundir import load_model_state
@@ -49,14 +49,14 @@ def check_fits(model: nn.Module, data) -> None:
     """Refuse a model too small for its data, before anything trains: a vocabulary missing some of
     the data's token ids, or a position table shorter than the data's windows (models and data
     sets that state a vocab_size / block_size; others are not checked)."""
-    vocab, model_vocab = data.model_args.get("vocab_size"), getattr(model, "vocab_size", None)
-    if isinstance(vocab, int) and isinstance(model_vocab, int) and model_vocab < vocab:
+    vocab, (model_vocab, model_block) = data.model_args.get("vocab_size"), stated_sizes(model)
+    if isinstance(vocab, int) and model_vocab is not None and model_vocab < vocab:
         raise ConfigError(f"model.args.vocab_size: the model's vocabulary of {model_vocab} tokens is smaller than "
                           f"the data's ({vocab}); leave it unset to take the data's, or make it >= {vocab}")
-    block, model_block = getattr(data.train, "block_size", None), getattr(model, "block_size", None)
-    if isinstance(block, int) and isinstance(model_block, int) and block > model_block:
+    block = getattr(data.train, "block_size", None)
+    if isinstance(block, int) and model_block is not None and block > model_block:
         raise ConfigError(f"data.args.block_size={block} is larger than the model's block_size={model_block} "
-                          "(model.args.block_size)")
+                          "(model.args.block_size; max_position_embeddings for a transformers model)")
 
 
 def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:

@@ -1,4 +1,5 @@
-"""Progress on stdout, one JSON line per logged step in metrics.jsonl, and optionally wandb."""
+"""Progress on stdout (a progress bar on a terminal, one line per logged step otherwise), one JSON
+line per logged step in metrics.jsonl, and optionally wandb."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,19 @@ import torch
 from ..errors import ConfigError
 
 
+def say(text: str) -> None:
+    """A line of text on stdout (before a run has its RunLog)."""
+    print(text, flush=True)
+
+
 class RunLog:
-    def __init__(self, out_dir: Path, config: dict, *, wandb: bool, wandb_project: str, wandb_mode: str):
+    def __init__(self, out_dir: Path, config: dict, *, wandb: bool, wandb_project: str, wandb_mode: str,
+                 steps: int, start: int = 0):
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.steps = steps
+        # a bar only where a person watches; logs and pipes get one line per logged step
+        self._bar = _bar(steps, start) if sys.stdout.isatty() else None
         self._wandb = None
         if wandb:
             try:
@@ -25,6 +35,12 @@ class RunLog:
             self._wandb = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=str(out_dir),
                                          config=config, name=out_dir.name)
 
+    @classmethod
+    def for_run(cls, cfg, out_dir: Path, start: int = 0) -> RunLog:
+        """The log of a run with config `cfg` (lte.train.config.Config), resuming after `start` steps."""
+        return cls(out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                   wandb_mode=cfg.log.wandb_mode, steps=cfg.train.steps, start=start)
+
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
         with self.metrics_path.open("a") as f:
@@ -32,11 +48,28 @@ class RunLog:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    @staticmethod
-    def say(text: str) -> None:
-        print(text, flush=True)
+    def say(self, text: str) -> None:
+        """A line of text, above the bar if there is one."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            say(text)
+
+    def progress(self, step: int, row: dict) -> None:
+        """Where the run is after `step` steps; `row` (maybe empty) is what was logged there."""
+        if self._bar is None:
+            if row:
+                print(progress_line(step, self.steps, row), flush=True)
+            return
+        self._bar.update(step - self._bar.n)
+        if row:
+            self._bar.set_postfix_str(progress_line(step, self.steps, row).split(" | ", 1)[-1], refresh=False)
+            if any(k.startswith("eval_") for k in row):  # evaluations stay on the screen
+                self._bar.write(progress_line(step, self.steps, row))
 
     def finish(self, summary: dict) -> None:
+        if self._bar is not None:
+            self._bar.close()
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
             self._wandb.finish()
@@ -89,3 +122,9 @@ class Throughput:
         rate = self.samples / max(now - self.t0, 1e-9)
         self.t0, self.samples = now, 0
         return rate
+
+
+def _bar(steps: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)

@@ -6,6 +6,8 @@ What a run keeps in out_dir:
   checkpoint-<step>.pt     the newest `checkpoint.keep` checkpoints; the last one of a finished run is
                            marked finished and carries the run's summary
   summary.json, final.pt   the result (over all attempts) and the trained model's plain state_dict
+  final.safetensors        the same weights as safetensors (python -m lte.export writes it for older runs)
+  hf/                      a transformers model's save_pretrained folder (from_pretrained loads it)
   .lock                    held by the process writing the directory while it runs
 
 Every file is replaced atomically (temporary file, fsync, rename, fsync of the directory), so a
@@ -23,18 +25,21 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, UserError
 from .. import faults
+from ..errors import ConfigError, UserError
+from .results import safetensors_bytes, save_hf_folder
+from ..models.hf import is_transformers_model
 from .config import Config
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.safetensors", "hf")
 
 # Keys that may change between the attempts of one run: they change how long it runs, how it is
 # observed or where it computes, not what it computes.
@@ -196,8 +201,9 @@ class RunDir:
 
     def clear_results(self) -> None:
         """A run that left no checkpoint starts afresh: its metrics and results would mislead."""
-        for name in ("metrics.jsonl", "summary.json", "final.pt"):
+        for name in ("metrics.jsonl", "summary.json", "final.pt", "final.safetensors"):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "hf", ignore_errors=True)
 
     # checkpoints ---------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -249,9 +255,15 @@ class RunDir:
                     break  # a torn last line: everything before it is kept
             atomic_write_text(path, "".join(r + "\n" for r in kept))
 
-    def write_results(self, summary: dict, weights: dict) -> None:
+    def write_results(self, summary: dict, weights: dict, model: torch.nn.Module, data) -> None:
+        """The run's results; `model` (the model the process trained) and `data` say whether and how
+        to write a transformers model's save_pretrained folder too."""
         # host tensors: final.pt loads on any machine, whatever device trained it
-        atomic_torch_save({k: v.detach().cpu() for k, v in weights.items()}, self.path / "final.pt")
+        weights = {k: v.detach().cpu() for k, v in weights.items()}
+        atomic_torch_save(weights, self.path / "final.pt")
+        atomic_write_bytes(self.path / "final.safetensors", safetensors_bytes(weights))
+        if is_transformers_model(model):
+            save_hf_folder(self.cfg, data, weights, self.path / "hf")
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 

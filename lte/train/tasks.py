@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
-def loss(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logits(outputs) -> torch.Tensor:
+    """A model's output as a tensor: itself, or the .logits of a transformers ModelOutput."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+
+
+def loss(task: str, outputs, targets: torch.Tensor) -> torch.Tensor:
     """The mean loss of a batch (in fp32 whatever the autocast dtype of the outputs)."""
+    outputs = logits(outputs)
     if task == "language_model":
         return F.cross_entropy(outputs.float().flatten(0, -2), targets.flatten())
     return F.cross_entropy(outputs.float(), targets)
@@ -26,13 +32,14 @@ class Metrics:
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
 
     @torch.no_grad()
-    def add(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        logits = outputs.float().flatten(0, -2) if self.task == "language_model" else outputs.float()
+    def add(self, outputs, targets: torch.Tensor) -> None:
+        scores = logits(outputs).float()
+        scores = scores.flatten(0, -2) if self.task == "language_model" else scores
         flat = targets.flatten() if self.task == "language_model" else targets
-        self.loss_sum += F.cross_entropy(logits, flat, reduction="sum").item()
+        self.loss_sum += F.cross_entropy(scores, flat, reduction="sum").item()
         self.count += flat.numel()
         if self.task == "classification":
-            self.correct += (logits.argmax(-1) == flat).sum().item()
+            self.correct += (scores.argmax(-1) == flat).sum().item()
 
     def result(self) -> dict:
         mean = self.loss_sum / max(self.count, 1)

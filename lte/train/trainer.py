@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from .clock import RoundClock
 from .config import Config
 from .engine import Engine, eval_batches, evaluate, resolve_device
-from .log import RunLog, Throughput, peak_memory, progress_line
+from .log import RunLog, Throughput, peak_memory, say
 from .rundir import RunDir, Start
 
 
@@ -89,9 +89,7 @@ class Trainer:
         if start.state is not None:
             self.restore(start.state, start.path)
         if self.is_main:
-            cfg = self.cfg
-            self.log = RunLog(self.rundir.path, cfg.to_dict(), wandb=cfg.log.wandb,
-                              wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
+            self.log = RunLog.for_run(self.cfg, self.rundir.path, start=self.step)
             if start.state is not None:
                 self.log.say(f"resumed from {start.path} at step {self.step}")
             self.log.say(self.describe())
@@ -117,11 +115,11 @@ class Trainer:
         if row:
             row["train_s"] = self.train_s  # training time so far, evaluation excluded
             self.log.log(step, row)
-            self.log.say(progress_line(step, self.cfg.train.steps, row))
+        self.log.progress(step, row)
 
     def finish(self, extra: dict) -> dict:
         summary = {**self.summary(), **extra}
-        self.rundir.write_results(summary, self.engine.final_weights())
+        self.rundir.write_results(summary, self.engine.final_weights(), self.model, self.data)
         self.rundir.save_checkpoint({**self.state(), "finished": True, "summary": summary}, self.step)
         self.log.finish(summary)
         self.log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
@@ -177,7 +175,7 @@ def train(cfg: Config) -> dict:
     refuse_several_processes(cfg)
     rundir = RunDir(cfg)
     try:
-        start = rundir.open(say=RunLog.say)
+        start = rundir.open(say=say)
         if start.finished is not None:
             return start.finished
         return Trainer(cfg, rundir=rundir).run(start)
