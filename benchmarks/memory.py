@@ -112,53 +112,37 @@ ROWS = [  # label, options (None: the DDP worker)
     ("LTE, nf4 + 2 chunks", dict(base="nf4", chunks=2)),
     ("LTE, nf4 + 4 chunks", dict(base="nf4", chunks=4)),
     ("LTE, nf4 + lora_fa + 4 chunks", dict(base="nf4", activations="lora_fa", chunks=4)),
+    ("LTE, nf4 + LTE embedding", dict(base="nf4", embeddings="lte")),
+    ("LTE, nf4 + LTE embedding + lora_fa + 4 chunks", dict(base="nf4", embeddings="lte", activations="lora_fa",
+                                                           chunks=4)),
 ]
 LEANEST = ROWS[-1][1]
 BASELINE = "LTE, nf4 base"
+LOGITS_CHUNK_MB = 64.0  # the trainer's default train.logits_chunk_mb
 
 
 # ---- building ----------------------------------------------------------------------------------
 
 def worker_model(spec: Spec, opts: dict | None, device) -> tuple[nn.Module, list[torch.Tensor]]:
-    """The model one worker holds (meta: shapes only) and its trained tensors."""
+    """The model one worker holds (meta: shapes only) and its trained tensors. An LTE worker on a
+    real device is built as the trainer builds a parameter-server worker (lte.core.lean: never its
+    fp32 model) and given a seeded base, layer by layer; a DDP worker is the plain model."""
     torch.manual_seed(0)
-    with torch.device("meta" if device.type in ("meta", "cuda") else device):
-        model = spec.build()
+    if opts is None or device.type == "meta":
+        with torch.device(device):
+            model = spec.build()
+    else:
+        with core.params_on_meta():
+            model = spec.build()
     if opts is not None:
         opts = {k: v for k, v in opts.items() if k != "chunks"}
         core.prepare(model, lte.LTEConfig(heads=spec.heads, rank=spec.rank, alpha=4096, velora_subtoken=spec.velora_m,
                                           **opts))
-    if device.type == "cuda":
-        materialize(model, device)
+        if device.type != "meta":
+            core.materialize(model, device)
+            core.seeded_base(model, seed=0)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """A meta model made real on the device, layer by layer: an LTE worker never holds its dense fp32
-    base, only the payload the server sends (here: the encoding of a random weight)."""
-    layers = dict(core.lte_layers(model)) if core.is_prepared(model) else {}
-    model.to_empty(device=device)
-    for module in model.modules():
-        if isinstance(module, core.LTELinear):
-            continue
-        for name, p in module.named_parameters(recurse=False):
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0 if "weight" in name else 0.0)
-        for name, b in module.named_buffers(recurse=False):
-            b.normal_(0, 0.02) if b.is_floating_point() and b.dim() > 1 else b.zero_()
-    for path, layer in layers.items():
-        w = torch.randn(layer.out_features, layer.in_features, device=device) * 0.02
-        layer.load_payload(layer.base.encode(w))
-        del w
-        if layer.bias is not None:
-            layer.bias.zero_()
-        core.init.init_lora_A(layer.lora_A, path, 0, 0)
-        layer.lora_B.zero_()
-        for t in layer.option_state().values():
-            t.zero_()
-    if layers:
-        core.reset_heads(model)  # replica stacks from the merged values
 
 
 # ---- accounting --------------------------------------------------------------------------------
@@ -208,9 +192,14 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
             trained = plan.trained[c]
             tap = []
             arrange = plan.arranged(c, feed=previous if c > 0 else None, tap=tap)
-        with FlopCounterMode(display=False) as flops:
-            with arrange, fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
-                loss = tasks.loss(spec.task, model(x), y)
+        loss_fn = tasks.TrainingLoss.of(spec.task, model, LOGITS_CHUNK_MB)
+        # backward inside the chunk's arrangement, as the trainer runs it: which tensors train must not
+        # change between the forward and the loss chunks recomputed in backward
+        with arrange, FlopCounterMode(display=False) as flops:
+            with fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
+                with loss_fn.forward_mode():
+                    outputs = model(x)
+                loss = loss_fn(outputs, y)
             loss.backward()
         for p in params:
             p.grad = None
@@ -254,10 +243,11 @@ class StepRunner:
         self.batches, self.step = _Batches(spec, batch, device), 0
         chunks = (opts or {}).get("chunks", 1)
         self.chunks = LocalChunks(self.model, chunks, self.params, self.opt, device) if chunks > 1 else None
+        self.loss = tasks.TrainingLoss.of(spec.task, self.model, LOGITS_CHUNK_MB)
 
     def step_on(self, x, y, step=None, advance=True):
         x, y = x.to(self.device), y.to(self.device)  # local chunks keep the round's batches in host memory
-        loss = optimizer_step(self.model, self.params, self.opt, x, y, task=self.spec.task, heads=self.heads,
+        loss = optimizer_step(self.model, self.params, self.opt, x, y, loss_fn=self.loss, heads=self.heads,
                               grad_clip=1.0, device=self.device, precision="fp32")
         if advance:
             self.step += 1
@@ -345,6 +335,39 @@ def cap_search(cap: int, device, real: bool, dry: bool, deadline: float) -> dict
     return found
 
 
+# ---- the simulated mode of configs/gpt2_tinystories.yaml ---------------------------------------
+
+SIMULATED = [("replicated embeddings (today's default)", dict(base="nf4")),
+             ("LTE embeddings (lte.embeddings=lte)", dict(base="nf4", embeddings="lte"))]
+
+
+def simulated(dry: bool, gpu_bytes: int = 80 * 2**30) -> dict:
+    """One process holding all 32 heads of gpt2_tinystories (mode=lte): the fixed part (base, every head's
+    trained tensors, their gradients and moments) and the activations per window of 1024 tokens, so the
+    windows a step can hold on one GPU of `gpu_bytes` (the config's 512 need gradient accumulation)."""
+    spec = (gpt_spec("gpt-tiny", 64, 4, 4, vocab=512, ctx=64, heads=4, per_worker=4, rank=8) if dry else
+            gpt_spec("gpt2-124m", *GPT_FAMILY["gpt2-124m"], heads=32, per_worker=32))
+    out = {"heads": spec.heads, "gpu_bytes": gpu_bytes, "rows": {}}
+    for label, opts in SIMULATED:
+        acc = account(spec, opts)
+        fixed = acc["state"] + acc["moments"] + acc["grads"]
+        per_window = acc["saved"] / acc["batch"]
+        out["rows"][label] = {**acc, "fixed": fixed, "saved_per_window": per_window,
+                              "windows_that_fit": max(0, int((gpu_bytes - fixed) // per_window))}
+    return out
+
+
+def simulated_table(sim: dict) -> str:
+    lines = [f"\nSimulated mode, {sim['heads']} heads in one process (fp32 accounting; one GPU of "
+             f"{sim['gpu_bytes'] / 2**30:g} GiB):",
+             "| embeddings | base + heads + grads + moments (MiB) | saved per window (MiB) "
+             "| windows per step that fit |",
+             "|---|---|---|---|"]
+    for label, r in sim["rows"].items():
+        lines.append(f"| {label} | {mb(r['fixed'])} | {mb(r['saved_per_window'])} | {r['windows_that_fit']} |")
+    return "\n".join(lines)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def mb(n: int) -> str:
@@ -397,12 +420,15 @@ def main() -> None:
                                        "time_ctx": ctx if timing and spec.task == "language_model" else None}
         print(table(spec, rows, timing, device))
 
+    result["simulated"] = simulated(args.dry_run)
+    print(simulated_table(result["simulated"]))
+
     found = cap_search(cap, device, device.type == "cuda", args.dry_run, started + args.time_limit_s)
     result["cap_search"] = found
     ratio = found["lte"][1] / found["ddp"][1] if found["ddp"] and found["lte"] else None
     result["cap_ratio"] = ratio
     print(f"\nUnder a cap of {cap / 2**30:g} GiB ({'measured' if device.type == 'cuda' else 'accounted'}): "
-          f"largest GPT as a DDP worker {found['ddp']}, as an LTE worker (nf4 + lora_fa + 4 chunks) {found['lte']}"
+          f"largest GPT as a DDP worker {found['ddp']}, as the leanest LTE worker ({ROWS[-1][0]}) {found['lte']}"
           + (f": {ratio:.1f}x the parameters" if ratio else ""))
     out = args.out or RESULTS / f"memory{'-dry' if args.dry_run else ''}-{device.type}.json"
     print(f"wrote {write_json(out, result)}")

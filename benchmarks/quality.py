@@ -28,7 +28,9 @@ from lte.train.report import eval_curve, pyplot
 PRESETS = {
     "cpu": {
         "config": "configs/shakespeare_char.yaml",
-        "runs": {"full": ["mode=full"], "lte": ["mode=lte"]},
+        "runs": {"full": ["mode=full"], "lte": ["mode=lte"],
+                 # the token embedding as an LTE layer instead of a trained copy per head
+                 "lte-emb": ["mode=lte", "lte.embeddings=lte"]},
         "default_runs": ["full", "lte"],
         "common": ["train.device=cpu"],
         "lte_steps_factor": 1.5,

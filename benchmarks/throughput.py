@@ -23,6 +23,7 @@ import lte
 from lte.models import create_model
 from lte.train.log import peak_memory
 from lte.train.engine import optimizer_step
+from lte.train.tasks import TrainingLoss
 
 PRESETS = {
     "cpu": dict(model="vit_digits", img_size=8, in_chans=1, num_classes=10, batch=256, heads=4, rank=8,
@@ -48,7 +49,8 @@ def measure(mode: str, args, device: torch.device) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = step_times(lambda: optimizer_step(forward, params, opt, x, y, task="classification", heads=heads,
+    loss_fn = TrainingLoss("classification")
+    times = step_times(lambda: optimizer_step(forward, params, opt, x, y, loss_fn=loss_fn, heads=heads,
                                               grad_clip=1.0, device=device, precision=args.precision),
                        device, args.steps, args.warmup)
     step_s = statistics.median(times)

@@ -10,6 +10,7 @@ from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
 
 RESETS = ("b", "none", "ab")
 OTHER_PARAMS = ("replica", "frozen", "replica_all")
+EMBEDDINGS = ("replica", "lte")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class LTEConfig:
                   full-rank copy per head is what LTE exists to avoid; "replica_all" accepts it.
     patch_conv:   turn a Conv2d whose kernel equals its stride (a ViT/Mixer patch embedding)
                   into an LTE linear; other convolutions follow `other_params`.
+    embeddings:   an nn.Embedding (a token embedding) as "replica" (a trained copy of the whole table
+                  per head, as other_params says) or "lte": an LTE layer, low-rank heads on a frozen
+                  base table like every linear layer's (its lookup W[idx] + s (B A)^T[idx]).
     seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the
                   same head is initialised the same wherever it runs.
 
@@ -52,6 +56,7 @@ class LTEConfig:
     reset: str = "b"
     other_params: str = "replica"
     patch_conv: bool = True
+    embeddings: str = "replica"
     seed: int = 0
     base: str = "fp32"
     activations: str = "full"
@@ -72,6 +77,8 @@ class LTEConfig:
                 f"LTEConfig.other_params must be one of {OTHER_PARAMS}, got {self.other_params!r}")
         if not isinstance(self.patch_conv, bool):
             raise ConfigError(f"LTEConfig.patch_conv must be true or false, got {self.patch_conv!r}")
+        if self.embeddings not in EMBEDDINGS:
+            raise ConfigError(f"LTEConfig.embeddings must be one of {EMBEDDINGS}, got {self.embeddings!r}")
         if self.base not in FORMATS:
             raise ConfigError(f"LTEConfig.base must be one of {tuple(FORMATS)}, got {self.base!r}")
         check_reset(self.activation_option, self.reset, key="LTEConfig.activations")

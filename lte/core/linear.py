@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BatchError
+from ..errors import BatchError, ModelError
 from ..memory import Activations, BaseFormat, get_activations, get_format
 from ..memory.base_formats import no_autocast
+
+if TYPE_CHECKING:
+    from .config import LTEConfig
 
 
 class LTELinear(nn.Module):
@@ -153,10 +158,11 @@ class LinearType:
     Its weight is the parameter `weight` and its bias, if any, `bias` (the keys export writes)."""
 
     name: str
-    matches: Callable[[nn.Module, bool], bool]       # (module, LTEConfig.patch_conv) -> is one
+    matches: Callable[[nn.Module, LTEConfig], bool]  # (module, the LTEConfig) -> is one
     matrix: Callable[[nn.Module], torch.Tensor]      # its weight as the out x in matrix (a view)
     transposed: bool = False                         # its weight is stored in x out
     make: Callable[..., LTELinear] | None = None     # its own LTE layer class, if a plain one will not do
+    lookup: bool = False                             # its input is indices (an embedding), not features
 
     def build(self, module: nn.Module, **layer_options) -> LTELinear:
         if self.make is not None:
@@ -176,14 +182,43 @@ def register_linear(linear: LinearType) -> LinearType:
     return linear
 
 
-def linear_type(module: nn.Module, patch_conv: bool) -> LinearType | None:
-    return next((t for t in LINEAR_TYPES if t.matches(module, patch_conv)), None)
+def linear_type(module: nn.Module, cfg: LTEConfig) -> LinearType | None:
+    return next((t for t in LINEAR_TYPES if t.matches(module, cfg)), None)
 
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     # by name, so that transformers stays an optional dependency
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+class LTEEmbedding(LTELinear):
+    """An nn.Embedding as an LTE layer (LTEConfig.embeddings="lte"): a frozen base table in its
+    storage format plus N low-rank heads, row i of head h's table being W[i] + s (B_h A_h)^T[i], so a
+    token's vector is W[idx] + s A_h[:, idx]^T B_h^T. As a layer it is the linear map of a one-hot
+    input of width vocab (in) to the embedding width (out); the base is decoded whole for the
+    lookup (a transient: nothing of it is kept for backward)."""
+
+    def __init__(self, embedding: nn.Embedding, **kw):
+        if embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
+            raise ModelError("an nn.Embedding with max_norm, sparse or scale_grad_by_freq cannot be an LTE layer; "
+                             "use LTEConfig(embeddings='replica')")
+        super().__init__(embedding.weight.detach().T, None, transposed=True, **kw)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        base = F.embedding(idx, self.dense_weight().T)  # the table, vocab x dim, in fp32 as an embedding's
+        if not self.training:
+            return base
+        n = self.heads
+        if idx.shape[0] % n:
+            raise BatchError(f"an LTE embedding got a batch of {idx.shape[0]} rows, which does not split "
+                             f"into {n} equal head slices")
+        A, B = self.factors()
+        rows = idx.reshape(n, -1, 1).expand(-1, -1, A.shape[1])              # heads x tokens x r
+        with no_autocast(idx):
+            a = torch.gather(A.transpose(1, 2), 1, rows)                     # A_h[:, idx]^T
+            out = torch.baddbmm(base.reshape(n, rows.shape[1], -1), a, B.transpose(1, 2), alpha=self.scale)
+        return out.view(base.shape)
 
 
 def _buffer_name(part: str) -> str:
@@ -198,7 +233,10 @@ def is_patch_conv(module: nn.Module) -> bool:
 
 
 register_linear(LinearType("nn.Linear", lambda m, _: isinstance(m, nn.Linear), lambda m: m.weight))
-register_linear(LinearType("patch Conv2d", lambda m, patch_conv: patch_conv and is_patch_conv(m),
+register_linear(LinearType("patch Conv2d", lambda m, cfg: cfg.patch_conv and is_patch_conv(m),
                            lambda m: m.weight.flatten(1), make=LTEPatchConv))
 register_linear(LinearType("transformers Conv1D", lambda m, _: _is_transformers_conv1d(m), lambda m: m.weight.T,
                            transposed=True))
+# an embedding is a lookup in its vocab x dim weight, the linear map of a one-hot input: in x out
+register_linear(LinearType("nn.Embedding", lambda m, cfg: cfg.embeddings == "lte" and isinstance(m, nn.Embedding),
+                           lambda m: m.weight.T, transposed=True, make=LTEEmbedding, lookup=True))

@@ -54,7 +54,7 @@ def plan(model: nn.Module, cfg: LTEConfig) -> tuple[MergeSpec, list[tuple[str, s
 
     layers, transposed, replicas, to_replicate = [], [], [], []
     for path, module in model.named_modules():
-        linear = linear_type(module, cfg.patch_conv)
+        linear = linear_type(module, cfg)
         if linear is not None:
             layers.append(path)
             if linear.transposed:
@@ -91,9 +91,9 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
         raise ModelError("model is already prepared for LTE")
     spec, to_replicate = plan(model, cfg)
     base_format, activations = cfg.base_format(), cfg.activation_option
-    widths = {path or type(model).__name__: spec.matrix(path, model.get_submodule(path).weight).shape[1]
-              for path in spec.layers}  # in_features; a patch conv's C*kh*kw
-    activations.check_widths(widths)
+    features = [p for p in spec.layers if not linear_type(model.get_submodule(p), cfg).lookup]  # embeddings: none
+    activations.check_widths({p or type(model).__name__: spec.matrix(p, model.get_submodule(p).weight).shape[1]
+                              for p in features})  # in_features; a patch conv's C*kh*kw
     root = _swap_layers(model, spec, cfg, first_head, base=base_format, activations=activations)
     _replicate(root, to_replicate, cfg.heads)
     root.register_buffer(MERGES_KEY, torch.zeros((), dtype=torch.long))
@@ -113,7 +113,7 @@ def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: 
     root = model
     for path in spec.layers:
         old = model.get_submodule(path)
-        new = linear_type(old, cfg.patch_conv).build(old, **layer_kw)
+        new = linear_type(old, cfg).build(old, **layer_kw)
         new.train(old.training)
         init_lora_A(new.lora_A, path, cfg.seed, first_head)
         if new.lora_A0 is not None:

@@ -93,12 +93,68 @@ def _headwise_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
 
 
 def make_headwise(module: nn.Module, path: str, names: list[str], split: HeadSplit) -> None:
-    """Replicate `names` on a leaf module and give it a per-head forward."""
+    """Replicate `names` on a leaf module and give it a per-head forward (a LayerNorm's own, which
+    keeps for backward what a plain LayerNorm keeps; any other module's class forward under vmap)."""
     for name in names:
         replicate(module, name, split.heads)
     module._lte_replicas = tuple(names)
     module._lte_split, module._lte_path = split, f"module '{path}' ({type(module).__name__})"
-    module.forward = types.MethodType(_headwise_forward, module)
+    forward = _headwise_layer_norm if _is_plain_layer_norm(module) else _headwise_forward
+    module.forward = types.MethodType(forward, module)
+
+
+def _is_plain_layer_norm(module: nn.Module) -> bool:
+    return (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+            and set(module._lte_replicas) == {n for n in ("weight", "bias") if getattr(module, n) is not None})
+
+
+def _headwise_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """Per-head weight and bias on each head's slice. Under vmap, LayerNorm decomposes into the
+    normalisation and a product with the batched weight, which keeps the normalised input for the
+    weight's gradient: a second activation-sized tensor beside the input. This keeps the input and
+    the per-row statistics only, as a plain LayerNorm does, and normalises again in backward."""
+    if not self.training:
+        return nn.LayerNorm.forward(self, x)
+    w = getattr(self, "weight" + HEADS_SUFFIX)
+    n = w.shape[0]
+    if x.shape[0] % n:
+        raise BatchError(f"{self._lte_path}: a batch of {x.shape[0]} does not split into {n} equal head slices")
+    b = getattr(self, "bias" + HEADS_SUFFIX) if self.bias is not None else None
+    out, _, _ = _HeadwiseLayerNorm.apply(x.reshape(n, -1, x.shape[-1]), w, b, self.eps)
+    return out.reshape(x.shape)
+
+
+class _HeadwiseLayerNorm(torch.autograd.Function):
+    """y[h] = (x[h] - mean) * rstd * w[h] + b[h] over the last dimension, in fp32 (as autocast runs
+    layer_norm); x: heads x rows x C, w and b: heads x C."""
+
+    @staticmethod
+    def forward(x, w, b, eps):
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y = (xf - mean) * rstd * w.float().unsqueeze(1)
+        return (y if b is None else y + b.float().unsqueeze(1)), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Separate from forward so torch.compile traces it into the step's graph.
+        x, w, b, _ = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, w, mean, rstd = ctx.saved_tensors
+        x_hat = (x.float() - mean) * rstd
+        g = grad.float()
+        grad_w = (g * x_hat).sum(1).to(w.dtype)
+        grad_b = g.sum(1).to(w.dtype) if ctx.has_bias else None
+        gx = g * w.float().unsqueeze(1)
+        grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - x_hat * (gx * x_hat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, grad_b, None
 
 
 def _split_forward(self: nn.Module, *args, **kwargs):

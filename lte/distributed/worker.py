@@ -48,7 +48,8 @@ class Worker:
             check_runs_on(heads_cfg.base_format(), env.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.engine = Engine(cfg, data, env.device, heads=self.heads, streams=self.heads,
-                                 per_stream=cfg.train.batch_size // n, lte=heads_cfg, chunks=self.options.chunks)
+                                 per_stream=cfg.train.batch_size // n, lte=heads_cfg, chunks=self.options.chunks,
+                                 lean=True)  # the base and the replicas come from the server
         except UserError as exc:
             self.error = exc
             return

@@ -152,8 +152,9 @@ class _DecodedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = _decode(ctx.fmt, ctx.weight_shape, ctx.saved_tensors, grad.dtype)
-        return (grad @ w, None, None, *([None] * len(ctx.saved_tensors)))
+        payload = ctx.saved_tensors  # read once: under activation checkpointing a second read fails
+        w = _decode(ctx.fmt, ctx.weight_shape, payload, grad.dtype)
+        return (grad @ w, None, None, *([None] * len(payload)))
 
 
 def _decode(fmt, shape, tensors, dtype):

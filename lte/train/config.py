@@ -45,6 +45,7 @@ class LTECfg:
     merge_every: int = 10        # T: optimizer steps per head between merges (one round)
     reset: str = "b"             # b | none | ab (see lte.LTEConfig)
     other_params: str = "replica"
+    embeddings: str = "replica"  # token embeddings: replica (a trained copy per head) | lte (an LTE layer)
     lr: typing.Optional[float] = None   # heads' learning rate; null = train.lr (the paper uses ~0.1x)
 
 
@@ -92,6 +93,7 @@ class TrainCfg:
     grad_clip: float = 1.0       # max grad norm (per head in LTE modes); 0 = off
     precision: str = "fp32"      # fp32 | bf16 (autocast)
     compile: bool = False        # torch.compile the model
+    logits_chunk_mb: float = 64.0  # language models: fp32 logits one chunk of the loss may hold; 0 = all at once
     device: str = "auto"         # auto | cpu | cuda
     log_every: int = 10          # steps between progress lines / metrics.jsonl rows
 
@@ -140,7 +142,8 @@ class Config:
         heads = self.lte.heads if rank is None else self.worker.heads
         try:
             return LTEConfig(heads=heads if heads is not None else 1, rank=self.lte.rank, alpha=self.lte.alpha,
-                             reset=self.lte.reset, other_params=self.lte.other_params, seed=self.seed,
+                             reset=self.lte.reset, other_params=self.lte.other_params,
+                             embeddings=self.lte.embeddings, seed=self.seed,
                              base="fp32" if rank is None else o.base_dtype, activations=o.activations,
                              velora_subtoken=o.velora_subtoken)
         except ConfigError as exc:
@@ -278,6 +281,7 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", t.precision)
     _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}", t.device)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _check(t.logits_chunk_mb >= 0, "train.logits_chunk_mb", "must be >= 0 (0: no chunks)", t.logits_chunk_mb)
     _check(lt.merge_every >= 1, "lte.merge_every", "must be >= 1", lt.merge_every)
     _check(lt.reset in RESETS, "lte.reset", f"must be one of {RESETS}", lt.reset)
     _check(lt.other_params in OTHER_PARAMS, "lte.other_params", f"must be one of {OTHER_PARAMS}",

@@ -21,7 +21,7 @@ from ..models import create_model, stated_sizes
 from .chunks import LocalChunks
 from .config import Config
 from .rundir import load_model_state
-from .tasks import Metrics, loss as task_loss
+from .tasks import Metrics, TrainingLoss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,11 +38,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def build_model(cfg: Config, data, device: torch.device) -> nn.Module:
+def build_model(cfg: Config, data, device: torch.device | None) -> nn.Module:
+    """The run's model, initialised from the run's seed, on `device`; device None: its parameters on
+    the meta device (a worker that gets its weights from the server; lte.core.lean)."""
     torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
-    model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
+    with core.params_on_meta() if device is None else contextlib.nullcontext():
+        model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
     check_fits(model, data)
-    return model.to(device)
+    return model if device is None else model.to(device)
 
 
 def check_fits(model: nn.Module, data) -> None:
@@ -80,13 +83,14 @@ def evaluate(model: nn.Module, batches: EvalBatches, task: str, device: torch.de
     return metrics.result()
 
 
-def optimizer_step(forward, params, optimizer, x, y, *, task: str, heads: int, grad_clip: float,
+def optimizer_step(forward, params, optimizer, x, y, *, loss_fn: TrainingLoss, heads: int, grad_clip: float,
                    device: torch.device, precision: str) -> torch.Tensor:
     """Forward, backward, clip and step. With heads > 1 (a prepared model) the clip is per head;
     with one head, per-head and global clipping are the same thing."""
     with autocast(device, precision):
-        outputs = forward(x)
-    loss = task_loss(task, outputs, y)
+        with loss_fn.forward_mode():
+            outputs = forward(x)
+        loss = loss_fn(outputs, y)
     # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
     (loss * heads).backward()
     if grad_clip > 0:
@@ -109,16 +113,16 @@ class Engine:
              head's stream is its own global index, so a head sees the same batches everywhere.
     chunks:  local-chunk training (lte.train.chunks) in this many chunks; 1: off.
     wrap:    wraps the model for the forward pass (DDP's DistributedDataParallel); compiled after.
+    lean:    the heads' base and replicas will come from a parameter server: build the model without
+             its fp32 weights (lte.core.lean), unless some tensor would then be left unfilled.
     """
 
     def __init__(self, cfg: Config, data, device: torch.device, *, heads: range | None, streams: range,
                  per_stream: int, lte: core.LTEConfig | None = None, chunks: int = 1,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, lean: bool = False):
         self.cfg, self.data, self.device = cfg, data, device
-        self.model = build_model(cfg, data, device)
-        if heads is not None:
-            core.prepare(self.model, lte, first_head=heads.start)
         self.heads = heads
+        self.model, self.lean = self.build(lte, lean and heads is not None)
         self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
                                                             data.sampling),
                                     steps=cfg.train.steps, workers=data.workers, device=device,
@@ -131,7 +135,20 @@ class Engine:
         forward = self.model if wrap is None else wrap(self.model)
         self.forward = torch.compile(forward) if t.compile else forward
         self.chunks = LocalChunks(self.model, chunks, self.params, self.optimizer, device) if chunks > 1 else None
+        self.loss = TrainingLoss.of(data.task, self.model, t.logits_chunk_mb)
         self.step = 0
+
+    def build(self, lte: core.LTEConfig | None, lean: bool) -> tuple[nn.Module, bool]:
+        """The model (prepared with the heads, if any), and whether it was built lean."""
+        if lean:
+            model = core.prepare(build_model(self.cfg, self.data, None), lte, first_head=self.heads.start)
+            if not core.unfilled(model):
+                core.materialize(model, self.device)
+                return model, True
+        model = build_model(self.cfg, self.data, self.device)
+        if self.heads is not None:
+            model = core.prepare(model, lte, first_head=self.heads.start)
+        return model, False
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step `step` (0-based): linear warm-up, then cosine decay."""
@@ -159,7 +176,7 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
-        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, task=self.data.task,
+        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, loss_fn=self.loss,
                               heads=1 if self.heads is None else len(self.heads),
                               grad_clip=t.grad_clip, device=self.device, precision=t.precision)
         if advance:

@@ -43,7 +43,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.
 
 # Keys that may change between the attempts of one run: they change how long it runs, how it is
 # observed or where it computes, not what it computes.
-FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "eval.", "checkpoint.",
+FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
+             "eval.", "checkpoint.",
              "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device")
 
 
