@@ -5,9 +5,9 @@
     ... train ...; lte.merge(model); ...
     state_dict = lte.export(model)
 """
-from .core import LTEConfig, export, merge, prepare
+from .core import LTEConfig, OuterOptimizer, export, merge, prepare
 from .errors import BatchError, ConfigError, ModelError, UserError
 
 __version__ = "0.1.0"
-__all__ = ["LTEConfig", "prepare", "merge", "export", "UserError", "ConfigError", "BatchError",
+__all__ = ["LTEConfig", "OuterOptimizer", "prepare", "merge", "export", "UserError", "ConfigError", "BatchError",
            "ModelError", "__version__"]

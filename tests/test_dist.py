@@ -48,7 +48,8 @@ def ps_against_simulated(tmp_path, common, **launch):
     return max((ps[k].float() - sim[k].float()).abs().max().item() for k in ps)
 
 
-@pytest.mark.parametrize("model", [[], GPT], ids=["vit", "gpt"])
+@pytest.mark.parametrize("model", [[], GPT, ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5"]],
+                         ids=["vit", "gpt", "vit-outer-nesterov"])
 def test_ps_with_two_workers_equals_simulated_heads(tmp_path, model):
     """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds."""
     assert ps_against_simulated(tmp_path, model, torchrun=["--standalone", "--nproc_per_node=3"]) < 1e-5

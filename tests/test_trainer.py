@@ -51,10 +51,11 @@ def test_full_mode_trains_every_parameter(tmp_path):
     assert summary["trainable_params"] == sum(p.numel() for p in plain.parameters())
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    train(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5"))
+@pytest.mark.parametrize("outer", [[], ["lte.outer=nesterov", "lte.outer_momentum=0.5"]], ids=["plain", "outer"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, outer):
+    train(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5", *outer))
 
-    cfg = quick(tmp_path / "cut", "checkpoint.every=1", "lte.merge_every=5")
+    cfg = quick(tmp_path / "cut", "checkpoint.every=1", "lte.merge_every=5", *outer)
     train_crashing_at(cfg, 13)
     resumed = train(cfg)  # resumes from the checkpoint at step 10
     assert resumed["steps"] == 20 and resumed["merges"] == 4
@@ -84,6 +85,10 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     (["model.args={depth: two}"], "model.args"),
     (["data.args={test_fraction: 2}"], "test_fraction"),
     (["train.lr"], "dotted.key=value"),
+    (["lte.outer=adam"], "lte.outer must be one of"),
+    (["lte.outer_momentum=0.9"], "lte.outer is 'none', so lte.outer_lr (1.0) and lte.outer_momentum (0.9)"),
+    (["lte.outer=nesterov", "lte.outer_lr=-1"], "lte.outer_lr must be a finite number > 0"),
+    (["mode=full", "lte.outer=nesterov"], "mode=full has no merge"),
 ])
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides, message):
     code = main(["--config", DIGITS, f"out_dir={tmp_path}", "train.steps=2", *overrides])

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .outer import OuterOptimizer
+
 HEADS_SUFFIX = "_heads"
 
 
@@ -71,21 +73,31 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_into(master: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], spec: MergeSpec,
-               keep: torch.Tensor | None = None) -> None:
+               keep: torch.Tensor | None = None, outer: OuterOptimizer | None = None) -> None:
     """Apply one merge to `master` in place.
 
     heads holds every head's tensors stacked on dim 0 in global head order; `keep` (a bool mask
-    over heads) leaves some out, and the average is then over the kept heads only.
+    over heads) leaves some out, and the average is then over the kept heads only. `outer` (an
+    active OuterOptimizer) takes each master tensor's merged change as its pseudo-gradient.
     """
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if keep is None else t[keep.to(t.device)]
 
+    outer = outer if outer is not None and outer.active else None
     for layer in spec.layers:
         A, B = heads[key(layer, "lora_A")], heads[key(layer, "lora_B")]
         if spec.resetless:
             A = torch.cat([A, heads[key(layer, "lora_A0")]], dim=1)
             B = torch.cat([B, -heads[key(layer, "lora_B0")]], dim=2)
         W = spec.matrix(layer, master[key(layer, "weight")])
-        W.add_(lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale).to(W.dtype))
+        change = lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale)
+        if outer is None:
+            W.add_(change.to(W.dtype))
+        else:
+            outer.apply(key(layer, "weight"), W, change)
     for name in spec.replicas:
-        master[name].copy_(pick(heads[name + HEADS_SUFFIX]).float().mean(0))
+        mean = pick(heads[name + HEADS_SUFFIX]).float().mean(0).to(master[name].device)
+        if outer is None:
+            master[name].copy_(mean)
+        else:
+            outer.apply(name, master[name], mean - master[name].float())

@@ -21,6 +21,7 @@ from .config import LTEConfig
 from .init import init_lora_A
 from .linear import LINEAR_TYPES, LTELinear, linear_type
 from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
+from .outer import OuterOptimizer
 from .replica import HeadSplit, make_headwise, replicate, split_batches
 
 MERGES_KEY = "lte_merges"
@@ -245,14 +246,17 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
         stack[idx] = sd[name].to(stack.dtype)
 
 
-def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+          outer: OuterOptimizer | None = None) -> None:
     """Merge every head into the weights, then reset the heads (per cfg.reset).
 
     W += (s/N) sum_h B_h A_h is computed in fp32 as one matmul per layer; replicated parameters
     become the mean of their copies. With reset="ab", A is re-drawn and, if `optimizer` is
-    given, the moments of the re-drawn factors are cleared.
+    given, the moments of the re-drawn factors are cleared. `outer` (lte.OuterOptimizer, kept by
+    the caller across merges) steps each master tensor with the merged change as its
+    pseudo-gradient instead.
     """
-    merge_into(master_state(model), head_state(model), state_of(model).spec)
+    merge_into(master_state(model), head_state(model), state_of(model).spec, outer=outer)
     finish_merge(model, optimizer)
 
 

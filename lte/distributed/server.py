@@ -97,8 +97,10 @@ class ParameterServer:
                                            self.workers)
             formats, members = format_groups(self.protos)
             self.members = [[r - 1 for r in m] for m in members]  # worker indices storing each format
+            self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
             if self.start.state is not None:
                 load_model_state(self.model, self.start.state["master"], self.start.path)
+                self.outer.load_state_dict(self.start.state.get("outer"), env.device)
         except UserError as exc:
             self.error = exc
 
@@ -203,7 +205,7 @@ class ParameterServer:
                 for w, (p, v, ok) in enumerate(zip(protos, uploads.views, uploads.accepted)) if ok]
         if kept:
             heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in protos[0].heads}
-            core.merge_into(self.master, heads, protos[0].spec)
+            core.merge_into(self.master, heads, protos[0].spec, outer=self.outer)
         bad = [w + 1 for w, ok in enumerate(uploads.accepted) if not ok]
         if bad:
             progress.rejected += k * len(bad)
@@ -247,7 +249,8 @@ class ParameterServer:
         self.rundir.save_checkpoint({
             "master": self.model.state_dict(), "merges": progress.merges, "rejected_heads": progress.rejected,
             "rng": torch.get_rng_state(), "comm": snapshot, "totals": progress.running_totals(),
-            "last_eval": progress.last_eval, "workers": workers, **extra}, progress.step)
+            "last_eval": progress.last_eval, "workers": workers, "outer": self.outer.state_dict(), **extra},
+            progress.step)
 
     def check_bases(self) -> list[int]:
         """Worker ranks whose final base differs from the server's last encoding in their format."""
@@ -305,7 +308,8 @@ class ParameterServer:
         cfg = self.cfg
         workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {p.upload.nbytes:,} B "
                    f"and download {p.download.nbytes:,} B per round" for w, p in enumerate(self.protos)]
+        outer = f", {self.outer.describe()}" if self.outer.active else ""
         return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
-                f"{cfg.lte.merge_every} steps; {cfg.model.name} on {cfg.data.name}, batch {cfg.train.batch_size}, "
-                f"{cfg.train.steps} steps; " + "; ".join(workers))
+                f"{cfg.lte.merge_every} steps{outer}; {cfg.model.name} on {cfg.data.name}, "
+                f"batch {cfg.train.batch_size}, {cfg.train.steps} steps; " + "; ".join(workers))

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
+from ..core.outer import OuterOptimizer
 from ..errors import ConfigError
 from ..memory import FORMATS, check_reset, get_activations
 from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
@@ -47,6 +48,9 @@ class LTECfg:
     other_params: str = "replica"
     embeddings: str = "replica"  # token embeddings: replica (a trained copy per head) | lte (an LTE layer)
     lr: typing.Optional[float] = None   # heads' learning rate; null = train.lr (the paper uses ~0.1x)
+    outer: str = "none"          # the merge as an outer step: none | sgd | nesterov (lte.OuterOptimizer)
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
 
 
 @dataclass
@@ -148,6 +152,18 @@ class Config:
                              velora_subtoken=o.velora_subtoken)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
+
+    def outer_optimizer(self) -> OuterOptimizer:
+        """The outer optimizer of the run's merges (lte.outer, lte.outer_lr, lte.outer_momentum)."""
+        try:
+            return OuterOptimizer(self.lte.outer, self.lte.outer_lr, self.lte.outer_momentum)
+        except ConfigError as exc:
+            names = {"OuterOptimizer.kind": "lte.outer", "OuterOptimizer.lr": "lte.outer_lr",
+                     "OuterOptimizer.momentum": "lte.outer_momentum"}
+            message = str(exc)
+            for old, new in names.items():
+                message = message.replace(old, new)
+            raise ConfigError(message) from None
 
     def worker_options(self, rank: int | None = None) -> WorkerCfg:
         """worker.* for one worker: its worker.per_rank overrides applied (rank None: worker.* itself)."""
@@ -300,6 +316,10 @@ def validate(cfg: Config) -> None:
            cfg.worker.heads)
     _validate_worker(cfg)  # before lte_config(), which would name the worker's options lte.*
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
+    cfg.outer_optimizer()
+    if lt.outer != "none" and cfg.mode not in ("lte", "ps"):
+        raise ConfigError(f"lte.outer={lt.outer} steps the merges of LTE heads (mode=lte or ps); mode={cfg.mode} "
+                          "has no merge")
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
            cfg.dist.backend)
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)

@@ -43,6 +43,7 @@ class Trainer:
         self.engine = engine
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
+        self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
         self.eval_set = eval_batches(cfg, self.data, self.device)
         self.merges, self.train_s = 0, 0.0
         self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
@@ -60,7 +61,7 @@ class Trainer:
 
     def end_round(self) -> None:
         if self.lte:
-            core.merge(self.model, self.engine.optimizer)
+            core.merge(self.model, self.engine.optimizer, outer=self.outer)
             self.merges += 1
 
     def summary_extra(self) -> dict:
@@ -143,7 +144,7 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
-        options = cfg.worker.describe() if self.lte else ""
+        options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe()])) if self.lte else ""
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}{', ' + options if options else ''}, "
                 f"{sum(p.numel() for p in engine.params):,} trainable parameters, batch {cfg.train.batch_size}, "
@@ -152,10 +153,12 @@ class Trainer:
     # checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
         return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "wall_s": self.wall_s(),
-                "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval}
+                "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval,
+                "outer": self.outer.state_dict()}
 
     def restore(self, state: dict, path) -> None:
         self.engine.restore(state, path)
+        self.outer.load_state_dict(state.get("outer"), self.device)
         self.merges, self.train_s = state["merges"], state["train_s"]
         self.earlier = {"wall_s": state["wall_s"], "attempts": state["attempts"]}
         self.last_eval = state.get("last_eval", {})
