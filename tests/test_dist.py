@@ -48,8 +48,8 @@ def ps_against_simulated(tmp_path, common, **launch):
     return max((ps[k].float() - sim[k].float()).abs().max().item() for k in ps)
 
 
-@pytest.mark.parametrize("model", [[], GPT, ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5"]],
-                         ids=["vit", "gpt", "vit-outer-nesterov"])
+@pytest.mark.parametrize("model", [[], GPT, ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5",
+                                               "comm.upload=int4"]], ids=["vit", "gpt", "vit-outer-int4-uploads"])
 def test_ps_with_two_workers_equals_simulated_heads(tmp_path, model):
     """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds."""
     assert ps_against_simulated(tmp_path, model, torchrun=["--standalone", "--nproc_per_node=3"]) < 1e-5
@@ -141,8 +141,11 @@ def test_hung_worker_ends_the_run_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 100
 
 
-def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path):
-    common = ["mode=ps", "lte.heads=4", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1"]
+@pytest.mark.parametrize("upload", ["fp32", "int4"])
+def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path, upload):
+    """With int4 uploads the workers' error-feedback residuals come back from the checkpoint."""
+    common = ["mode=ps", "lte.heads=4", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1",
+              f"comm.upload={upload}"]
     code, out = run([*common, f"out_dir={tmp_path / 'whole'}"], nproc=3)
     assert code == 0, out
     code, out = run([*common, f"out_dir={tmp_path / 'killed'}"], env={"LTE_FAULT": "kill:rank=2:round=3:attempt=0"},

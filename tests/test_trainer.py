@@ -51,7 +51,8 @@ def test_full_mode_trains_every_parameter(tmp_path):
     assert summary["trainable_params"] == sum(p.numel() for p in plain.parameters())
 
 
-@pytest.mark.parametrize("outer", [[], ["lte.outer=nesterov", "lte.outer_momentum=0.5"]], ids=["plain", "outer"])
+@pytest.mark.parametrize("outer", [[], ["lte.outer=nesterov", "lte.outer_momentum=0.5"], ["comm.upload=int4"]],
+                         ids=["plain", "outer", "int4-uploads"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, outer):
     train(quick(tmp_path / "whole", "checkpoint.every=1", "lte.merge_every=5", *outer))
 
@@ -89,6 +90,9 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     (["lte.outer_momentum=0.9"], "lte.outer is 'none', so lte.outer_lr (1.0) and lte.outer_momentum (0.9)"),
     (["lte.outer=nesterov", "lte.outer_lr=-1"], "lte.outer_lr must be a finite number > 0"),
     (["mode=full", "lte.outer=nesterov"], "mode=full has no merge"),
+    (["comm.upload=int3"], "comm.upload must be one of"),
+    (["mode=full", "comm.upload=int8"], "mode=full has none"),
+    (["comm.upload=int4", "lte.reset=none"], "cannot run with lte.reset=none"),
 ])
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides, message):
     code = main(["--config", DIGITS, f"out_dir={tmp_path}", "train.steps=2", *overrides])

@@ -22,6 +22,7 @@ from .init import init_lora_A
 from .linear import LINEAR_TYPES, LTELinear, linear_type
 from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
 from .outer import OuterOptimizer
+from .upload import Uploader, through_uploads
 from .replica import HeadSplit, make_headwise, replicate, split_batches
 
 MERGES_KEY = "lte_merges"
@@ -247,16 +248,20 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
 
 
 def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-          outer: OuterOptimizer | None = None) -> None:
+          outer: OuterOptimizer | None = None, upload: Uploader | None = None) -> None:
     """Merge every head into the weights, then reset the heads (per cfg.reset).
 
     W += (s/N) sum_h B_h A_h is computed in fp32 as one matmul per layer; replicated parameters
     become the mean of their copies. With reset="ab", A is re-drawn and, if `optimizer` is
     given, the moments of the re-drawn factors are cleared. `outer` (lte.OuterOptimizer, kept by
     the caller across merges) steps each master tensor with the merged change as its
-    pseudo-gradient instead.
+    pseudo-gradient instead. `upload` (lte.core.upload.Uploader, kept across merges for its error
+    feedback) merges what a parameter server would receive of the heads in its codec.
     """
-    merge_into(master_state(model), head_state(model), state_of(model).spec, outer=outer)
+    state, master, heads = state_of(model), master_state(model), head_state(model)
+    if upload is not None:
+        heads = through_uploads(heads, master, state.spec.trained_keys(not state.activations.trains_A), upload)
+    merge_into(master, heads, state.spec, outer=outer)
     finish_merge(model, optimizer)
 
 

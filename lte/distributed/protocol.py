@@ -2,7 +2,9 @@
 
 Per round (lte.merge_every steps):
   upload    worker -> server  every local head's factors (A, B; the last-merge snapshot for
-                              reset="none") and replica copies, fp32, plus round statistics.
+                              reset="none") and replica copies, fp32, plus round statistics;
+                              with comm.upload below fp32, in that codec (lte.core.upload), the
+                              replicas as their change since the merge.
                               Never the dense B A. A LoRA-FA worker leaves A out: its A is draw
                               `merges` of (seed, layer, head), which the server re-draws itself.
   download  server -> workers the new base in the worker's storage format (packed nf4/fp4 bytes
@@ -22,6 +24,7 @@ import torch
 
 from ..core.init import init_lora_A
 from ..core.merge import HEADS_SUFFIX, MergeSpec, key
+from ..core.upload import CODECS, UploadCodec, Uploader, as_changes, as_values, get_codec
 from ..memory import Activations, BaseFormat
 from .comm import Layout
 
@@ -49,8 +52,9 @@ class Protocol:
     state) and `chunks` (local chunks, whose per-chunk losses ride along with the round statistics)."""
 
     def __init__(self, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], *, local_heads: int,
-                 rank: int, fmt: BaseFormat, workers: int, activations: Activations, chunks: int = 1):
-        self.spec, self.fmt, self.chunks = spec, fmt, chunks
+                 rank: int, fmt: BaseFormat, workers: int, activations: Activations, chunks: int = 1,
+                 codec: UploadCodec = CODECS["fp32"]):
+        self.spec, self.fmt, self.chunks, self.codec = spec, fmt, chunks, codec
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
         self.layer_shapes = {layer: spec.matrix_shape(layer, master_shapes[key(layer, "weight")])
                              for layer in spec.layers}
@@ -59,7 +63,8 @@ class Protocol:
         self.uploaded = [k for k in self.heads if k not in self.redrawn]
         self.trained = spec.trained_keys(frozen_A)
         self.stats_size = len(STATS) + (chunks if chunks > 1 else 0)  # then each chunk's mean loss
-        self.upload = Layout([(k, self.heads[k], torch.float32) for k in self.uploaded]
+        self.upload = Layout([(_part_key(k, part), shape, dtype) for k in self.uploaded
+                              for part, (shape, dtype) in codec.layout(self.heads[k]).items()]
                              + [("stats", (self.stats_size,), torch.float64)])
         self.download = Layout(self._download_entries(master_shapes, workers))
         self.option_state = [(key(layer, name), shape) for layer in spec.layers
@@ -83,14 +88,37 @@ class Protocol:
             state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
                       (f"{k}.step", (), torch.float32)]
         state += [(k, s, torch.float32) for k, s in self.option_state]
+        if self.codec.lossy:  # the error-feedback residual of every uploaded tensor
+            state += [(f"{k}.residual", self.heads[k], torch.float32) for k in self.uploaded]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
         state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
         return state
 
-    def factors(self, upload: dict[str, torch.Tensor], *, seed: int, first_head: int, draw: int) -> dict:
-        """A worker's head tensors as the merge takes them: its upload, plus A re-drawn for LoRA-FA
-        (the A it trained with this round: draw `draw` of every head, as lte.core.reset_heads drew it)."""
-        out = {k: upload[k] for k in self.uploaded}
+    def encode_upload(self, heads: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
+                      uploader: Uploader) -> dict[str, torch.Tensor]:
+        """A worker's uploaded tensors by their names in the upload layout: its heads' tensors as they
+        are in fp32, else in the codec, replicas as their change from the merged `replicas`."""
+        if not self.codec.lossy:
+            return {k: heads[k] for k in self.uploaded}
+        changes = as_changes({k: heads[k] for k in self.uploaded}, replicas)
+        return {_part_key(k, part): t for k in self.uploaded for part, t in uploader.encode(k, changes[k]).items()}
+
+    def finite(self, upload: dict[str, torch.Tensor]) -> bool:
+        """Whether every value of an unpacked upload (the round statistics aside) is finite."""
+        return all(bool(torch.isfinite(t).all()) for name, t in upload.items()
+                   if name != "stats" and t.is_floating_point())
+
+    def factors(self, upload: dict[str, torch.Tensor], master: dict[str, torch.Tensor], *, seed: int,
+                first_head: int, draw: int) -> dict:
+        """A worker's head tensors as the merge takes them: its upload decoded (replicas from their
+        change and the `master`), plus A re-drawn for LoRA-FA (the A it trained with this round:
+        draw `draw` of every head, as lte.core.reset_heads drew it)."""
+        if self.codec.lossy:
+            out = as_values({k: self.codec.decode({part: upload[_part_key(k, part)]
+                                                   for part in self.codec.layout(self.heads[k])}, self.heads[k])
+                             for k in self.uploaded}, master)
+        else:
+            out = {k: upload[k] for k in self.uploaded}
         for k, layer in self.redrawn.items():
             out[k] = torch.empty(self.heads[k])
             init_lora_A(out[k], layer, seed, first_head, draw=draw)
@@ -135,6 +163,10 @@ def _payload_key(layer: str, part: str) -> str:
     return key(layer, "weight" + (f"_{part}" if part else ""))
 
 
+def _part_key(name: str, part: str) -> str:
+    return f"{name}.{part}" if part else name
+
+
 def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], workers: int) -> list[Protocol]:
     """One Protocol per worker (rank w+1 at index w), from its worker.* options."""
     out = []
@@ -142,7 +174,7 @@ def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, .
         heads_cfg = cfg.lte_config(w + 1)
         out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
                             fmt=heads_cfg.base_format(), workers=workers, activations=heads_cfg.activation_option,
-                            chunks=cfg.worker_options(w + 1).chunks))
+                            chunks=cfg.worker_options(w + 1).chunks, codec=get_codec(cfg.comm.upload)))
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .. import core
 from ..data import build_data
+from ..core.upload import Uploader
 from ..errors import UserError
 from ..train.clock import RoundClock
 from ..train.config import Config
@@ -194,14 +195,13 @@ class ParameterServer:
         bufs = self.exchange.gather(None, [p.upload.nbytes for p in self.protos], f"the upload of round {round_no}")
         seconds = time.perf_counter() - t0
         views = [p.upload.unpack(buf) for p, buf in zip(self.protos, bufs)]
-        accepted = torch.tensor([int(all(torch.isfinite(v[n]).all() for n in p.uploaded))
-                                 for p, v in zip(self.protos, views)])
+        accepted = torch.tensor([int(p.finite(v)) for p, v in zip(self.protos, views)])
         return Uploads(views, accepted, seconds)
 
     def merge(self, uploads: Uploads, progress: Progress) -> None:
         """W += (s/N) sum B A over the accepted workers' heads (the same merge as simulated heads)."""
         k, protos = self.cfg.worker.heads, self.protos
-        kept = [p.factors(v, seed=self.cfg.seed, first_head=w * k, draw=progress.merges)
+        kept = [p.factors(v, self.master, seed=self.cfg.seed, first_head=w * k, draw=progress.merges)
                 for w, (p, v, ok) in enumerate(zip(protos, uploads.views, uploads.accepted)) if ok]
         if kept:
             heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in protos[0].heads}
@@ -308,7 +308,7 @@ class ParameterServer:
         cfg = self.cfg
         workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {p.upload.nbytes:,} B "
                    f"and download {p.download.nbytes:,} B per round" for w, p in enumerate(self.protos)]
-        outer = f", {self.outer.describe()}" if self.outer.active else ""
+        outer = "".join(f", {d}" for d in (self.outer.describe(), Uploader(self.protos[0].codec).describe()) if d)
         return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
                 f"{cfg.lte.merge_every} steps{outer}; {cfg.model.name} on {cfg.data.name}, "

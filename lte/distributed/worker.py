@@ -13,6 +13,7 @@ import torch
 
 from .. import core, faults
 from ..core.merge import key
+from ..core.upload import Uploader
 from ..data import build_data
 from ..errors import UserError
 from ..memory import check_runs_on
@@ -57,6 +58,7 @@ class Worker:
         # every worker's messages: sizes differ when worker.per_rank mixes options
         self.protos = worker_protocols(cfg, core.state_of(model).spec, master_shapes(model), env.world - 1)
         self.proto = self.protos[self.index]
+        self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         # looked up each time: local chunks move buffers between host and device
@@ -96,6 +98,9 @@ class Worker:
             tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
             tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
         tensors.update(core.option_state(self.engine.model))
+        if self.proto.codec.lossy:
+            residuals = self.uploader.residuals
+            tensors.update({f"{k}.residual": residuals.get(k, torch.zeros_like(heads[k])) for k in self.proto.uploaded})
         tensors["rng"] = torch.get_rng_state()
         tensors["comm"] = self.exchange.snapshot()
         self.exchange.gather(self.proto.state.pack(tensors), [p.state.nbytes for p in self.protos],
@@ -114,6 +119,9 @@ class Worker:
             opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
                             "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
                             "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
+        if self.proto.codec.lossy:
+            self.uploader.load_state_dict({k: views[f"{k}.residual"].clone() for k in self.proto.uploaded},
+                                          self.env.device)
         torch.set_rng_state(views["rng"].clone())
         self.exchange.add(views["comm"])
         self.engine.seek(step)
@@ -160,8 +168,10 @@ class Worker:
         faults.before_upload(self.env.rank, rounds, {k: heads[k] for k in self.proto.uploaded})
         chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
         stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
-        self.exchange.gather(self.proto.upload.pack({**heads, "stats": stats}), [p.upload.nbytes for p in self.protos],
-                             f"the upload of round {rounds}")
+        replicas = {name: t for name, t in engine.model.state_dict().items() if name in self.proto.spec.replicas}
+        tensors = self.proto.encode_upload(heads, replicas, self.uploader)
+        self.exchange.gather(self.proto.upload.pack({**tensors, "stats": stats}),
+                             [p.upload.nbytes for p in self.protos], f"the upload of round {rounds}")
 
     def install(self, rounds: int) -> None:
         """The merged base, then the heads reset for the next round (restarted if rejected)."""
@@ -170,6 +180,7 @@ class Worker:
         core.finish_merge(engine.model, engine.optimizer)
         if not accepted:
             core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
+            self.uploader.residuals.clear()  # what a non-finite update left behind
 
     def finish(self) -> None:
         digest = self.proto.base_digest(self.proto.worker_base(self.engine.model))

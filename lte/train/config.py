@@ -17,6 +17,7 @@ import yaml
 
 from ..core.config import OTHER_PARAMS, RESETS, LTEConfig
 from ..core.outer import OuterOptimizer
+from ..core.upload import get_codec
 from ..errors import ConfigError
 from ..memory import FORMATS, check_reset, get_activations
 from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
@@ -103,6 +104,11 @@ class TrainCfg:
 
 
 @dataclass
+class CommCfg:                   # what a merge receives of the heads (mode=ps: what the workers send)
+    upload: str = "fp32"         # fp32 | bf16 | int8 | int4 (blocks of 64 with a scale; error feedback)
+
+
+@dataclass
 class EvalCfg:
     every: int = 0               # rounds (lte.merge_every steps) between evals; 0 = at the end only
     batch_size: int = 512
@@ -133,6 +139,7 @@ class Config:
     lte: LTECfg = field(default_factory=LTECfg)
     worker: WorkerCfg = field(default_factory=WorkerCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    comm: CommCfg = field(default_factory=CommCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
@@ -317,6 +324,14 @@ def validate(cfg: Config) -> None:
     _validate_worker(cfg)  # before lte_config(), which would name the worker's options lte.*
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     cfg.outer_optimizer()
+    codec = get_codec(cfg.comm.upload)
+    if codec.lossy and cfg.mode not in ("lte", "ps"):
+        raise ConfigError(f"comm.upload={cfg.comm.upload} compresses the heads' uploads (mode=lte or ps); "
+                          f"mode={cfg.mode} has none")
+    if codec.lossy and lt.reset == "none":
+        raise ConfigError(f"comm.upload={cfg.comm.upload} cannot run with lte.reset=none: that merge subtracts "
+                          "the previous round's factors as the workers hold them, not as they were sent; use "
+                          "lte.reset=b or ab")
     if lt.outer != "none" and cfg.mode not in ("lte", "ps"):
         raise ConfigError(f"lte.outer={lt.outer} steps the merges of LTE heads (mode=lte or ps); mode={cfg.mode} "
                           "has no merge")

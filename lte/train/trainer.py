@@ -16,6 +16,7 @@ import time
 import torch
 
 from .. import core
+from ..core.upload import Uploader, get_codec
 from ..data import build_data
 from ..errors import ConfigError
 from .clock import RoundClock
@@ -44,6 +45,7 @@ class Trainer:
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
         self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
+        self.uploader = Uploader(get_codec(cfg.comm.upload))  # the merge sees the heads as ps workers send them
         self.eval_set = eval_batches(cfg, self.data, self.device)
         self.merges, self.train_s = 0, 0.0
         self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
@@ -61,7 +63,7 @@ class Trainer:
 
     def end_round(self) -> None:
         if self.lte:
-            core.merge(self.model, self.engine.optimizer, outer=self.outer)
+            core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader)
             self.merges += 1
 
     def summary_extra(self) -> dict:
@@ -144,7 +146,8 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
-        options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe()])) if self.lte else ""
+        options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe(), self.uploader.describe()])) \
+            if self.lte else ""
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}{', ' + options if options else ''}, "
                 f"{sum(p.numel() for p in engine.params):,} trainable parameters, batch {cfg.train.batch_size}, "
@@ -154,11 +157,12 @@ class Trainer:
     def state(self) -> dict:
         return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "wall_s": self.wall_s(),
                 "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval,
-                "outer": self.outer.state_dict()}
+                "outer": self.outer.state_dict(), "upload_residuals": self.uploader.state_dict()}
 
     def restore(self, state: dict, path) -> None:
         self.engine.restore(state, path)
         self.outer.load_state_dict(state.get("outer"), self.device)
+        self.uploader.load_state_dict(state.get("upload_residuals"), self.device)
         self.merges, self.train_s = state["merges"], state["train_s"]
         self.earlier = {"wall_s": state["wall_s"], "attempts": state["attempts"]}
         self.last_eval = state.get("last_eval", {})

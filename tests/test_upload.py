@@ -1,0 +1,88 @@
+"""Compressed uploads (comm.upload, lte.core.upload): the codecs against a hand computation, error
+feedback over 20 rounds, and the parameter server's decode path against the simulated one."""
+import pytest
+import torch
+
+from lte.core.merge import MergeSpec, lora_delta, merge_into
+from lte.core.upload import BLOCK, CODECS, Uploader, through_uploads
+from lte.distributed.comm import Layout
+from lte.distributed.protocol import Protocol
+from lte.memory import get_activations, get_format
+
+
+@pytest.mark.parametrize("name,qmax", [("int8", 127), ("int4", 7)])
+def test_block_codes_round_each_value_to_its_blocks_grid(name, qmax):
+    codec = CODECS[name]
+    x = torch.randn(2, 3, 50) * torch.logspace(-3, 1, 50)  # 150 values a head: 3 blocks, the last one short
+    got = codec.decode(codec.encode(x), tuple(x.shape))
+    flat = x.reshape(2, -1)
+    for h in range(2):
+        for b in range(0, 150, BLOCK):
+            block = flat[h, b:b + BLOCK]
+            step = float(block.abs().max()) / qmax
+            expected = [round(float(v) / step) * step for v in block]  # Python's round: ties to even, as torch
+            torch.testing.assert_close(got.reshape(2, -1)[h, b:b + BLOCK], torch.tensor(expected), rtol=1e-6,
+                                       atol=1e-9)
+    parts = codec.layout(tuple(x.shape))
+    nbytes = Layout([(p, s, d) for p, (s, d) in parts.items()]).nbytes
+    assert nbytes == 2 * 3 * BLOCK * (1 if name == "int8" else 0.5) + 2 * 3 * 4  # codes + one fp32 scale a block
+
+
+def test_bf16_and_fp32_codecs():
+    x = torch.randn(3, 7, 5)
+    assert torch.equal(CODECS["fp32"].decode(CODECS["fp32"].encode(x), x.shape), x)
+    assert torch.equal(CODECS["bf16"].decode(CODECS["bf16"].encode(x), x.shape), x.to(torch.bfloat16).float())
+
+
+def merged_sum(rounds, uploader, scale=2.0):
+    """The sum over rounds of (s/N) sum B A as merged: the factors through `uploader` (None: fp32)."""
+    total = 0
+    for A, B in rounds:
+        if uploader is not None:
+            A, B = (uploader.codec.decode(uploader.encode(k, t), tuple(t.shape)) for k, t in (("A", A), ("B", B)))
+        total = total + lora_delta(A, B, scale)
+    return total
+
+
+def test_error_feedback_keeps_twenty_merges_within_one_rounds_error():
+    """A kept across merges and slowly trained (reset b), B restarting every round towards a steady
+    direction: without error feedback A's rounding error repeats every round and the summed merge drifts
+    from fp32 by ~20 rounds' worth; with it the sum stays within 3x the largest single round's error."""
+    g = torch.Generator().manual_seed(0)
+    heads, r, d_in, d_out = 2, 4, 64, 32
+    A0, B_dir = torch.randn(heads, r, d_in, generator=g), torch.randn(heads, d_out, r, generator=g) * 1e-2
+    rounds, A = [], A0
+    for _ in range(20):
+        A = A + 1e-3 * torch.randn(heads, r, d_in, generator=g)
+        rounds.append((A, B_dir + 2e-3 * torch.randn(heads, d_out, r, generator=g)))
+    exact = merged_sum(rounds, None)
+    single = max(float((merged_sum([rd], Uploader(CODECS["int4"], error_feedback=False)) - merged_sum([rd], None))
+                       .abs().max()) for rd in rounds)
+    with_ef = float((merged_sum(rounds, Uploader(CODECS["int4"])) - exact).abs().max())
+    without = float((merged_sum(rounds, Uploader(CODECS["int4"], error_feedback=False)) - exact).abs().max())
+    assert with_ef <= 3 * single, (with_ef, single)
+    assert without > 5 * with_ef, (without, with_ef)
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
+def test_parameter_server_decodes_what_the_simulated_merge_uses(codec):
+    """A worker's packed upload, unpacked and decoded by the server, merges to the same bits as the
+    simulated trainer's through_uploads (both from the same heads and master), over 3 rounds of error
+    feedback."""
+    spec = MergeSpec(layers=("fc",), replicas=("ln.weight",), scale=2.0)
+    proto = Protocol(spec, {"fc.weight": (6, 10), "ln.weight": (6,)}, local_heads=2, rank=3,
+                     fmt=get_format("fp32"), workers=1, activations=get_activations("full"), codec=CODECS[codec])
+    g = torch.Generator().manual_seed(1)
+    master_ps = {"fc.weight": torch.randn(6, 10, generator=g), "ln.weight": torch.randn(6, generator=g)}
+    master_sim = {k: v.clone() for k, v in master_ps.items()}
+    worker, simulated = Uploader(CODECS[codec]), Uploader(CODECS[codec])
+    for _ in range(3):
+        heads = {"fc.lora_A": torch.randn(2, 3, 10, generator=g), "fc.lora_B": torch.randn(2, 6, 3, generator=g),
+                 "ln.weight_heads": master_ps["ln.weight"] + 0.01 * torch.randn(2, 6, generator=g)}
+        buf = proto.upload.pack({**proto.encode_upload(heads, {"ln.weight": master_ps["ln.weight"]}, worker),
+                                 "stats": torch.zeros(proto.stats_size, dtype=torch.float64)})
+        received = proto.factors(proto.upload.unpack(buf), master_ps, seed=0, first_head=0, draw=0)
+        merge_into(master_ps, received, spec)
+        merge_into(master_sim, through_uploads(heads, master_sim, list(heads), simulated), spec)
+        for k in master_ps:
+            assert torch.equal(master_ps[k], master_sim[k]), k
