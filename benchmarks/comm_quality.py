@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import math
+import os
 from pathlib import Path
 
 from common import ROOT, machine, read_metrics, run_train, train_command, write_json
@@ -28,6 +30,7 @@ from lte.data import build_data
 from lte.distributed.protocol import worker_protocols
 from lte.train.config import load_config
 from lte.train.engine import build_model
+from lte.train.report import pyplot
 
 CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
 WORKERS = 4
@@ -43,6 +46,10 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T100-nesterov": ["lte.merge_every=100", "eval.every=1", *NESTEROV],
     "lte-T100-diloco-outer": ["lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
     "lte-T200-nesterov": ["lte.merge_every=200", "eval.every=1", *NESTEROV],
+    "lte-T10-int4": ["lte.merge_every=10", "comm.upload=int4"],
+    "lte-T100-nesterov-int8": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int8"],
+    "lte-T100-nesterov-int4": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4"],
+    "lte-T200-nesterov-int4": ["lte.merge_every=200", "eval.every=1", *NESTEROV, "comm.upload=int4"],
 }
 
 
@@ -76,6 +83,36 @@ def run_one(name: str, steps: int, work: Path) -> dict:
             "train_s": summary["train_s"], "merges": summary["merges"]}
 
 
+def pareto(results: list[dict]) -> list[str]:
+    """The runs no other run beats on both bytes and final loss."""
+    return [r["name"] for r in results
+            if not any(o["bytes_per_worker"] <= r["bytes_per_worker"] and o["eval_loss"] <= r["eval_loss"]
+                       and (o["bytes_per_worker"], o["eval_loss"]) != (r["bytes_per_worker"], r["eval_loss"])
+                       for o in results)]
+
+
+def plot(report: dict, png: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    runs = report["runs"]
+    for r in runs:
+        ax.scatter(r["bytes_per_worker"], r["eval_loss"], color="tab:red" if r["name"] in report["pareto"] else "grey")
+        ax.annotate(r["name"], (r["bytes_per_worker"], r["eval_loss"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    front = sorted((r for r in runs if r["name"] in report["pareto"]), key=lambda r: r["bytes_per_worker"])
+    ax.plot([r["bytes_per_worker"] for r in front], [r["eval_loss"] for r in front], color="tab:red", linewidth=1,
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"bytes per worker over the run ({report['workers']} workers)")
+    ax.set_ylabel("final eval loss")
+    ax.set_title(f"{report['config']}, {report['steps']} steps ({report['machine']['device']})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
@@ -83,29 +120,45 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each uses one thread)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "comm-quality-runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "comm_quality.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the runs of an existing --out report that this invocation does not run")
     args = parser.parse_args()
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; there are {list(RUNS)}")
+    if args.parallel > 1:  # one thread a run: runs side by side must not fight over the cores
+        os.environ["OMP_NUM_THREADS"] = "1"
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda n: run_one(n, args.steps, args.work), names))
     ddp = ddp_bytes_per_worker(args.steps)
     for r in results:
         r["bytes_per_worker"] = ddp if r["name"] == "full" else ps_bytes_per_worker(RUNS[r["name"]], args.steps)
         r["ddp_over_bytes"] = ddp / r["bytes_per_worker"]
+    if args.keep and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        if earlier["steps"] == args.steps:
+            results = [r for r in earlier["runs"] if r["name"] not in names] + results
+    results.sort(key=lambda r: list(RUNS).index(r["name"]))
     reference = next((r["eval_loss"] for r in results if r["name"] == "full"), None)
+    for r in results:  # the first evaluation at or below full-rank's final loss
+        reach = next((step for step, loss in r["curve"] if reference is not None and loss <= reference), None)
+        r["samples_to_full_rank_loss"] = None if reach is None else reach * load_config(CONFIG).train.batch_size
     report = {"benchmark": "comm_quality", "config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
-              "workers": WORKERS, "machine": machine("cpu"), "ddp_bytes_per_worker": ddp, "runs": results}
+              "workers": WORKERS, "machine": machine("cpu"), "ddp_bytes_per_worker": ddp, "runs": results,
+              "pareto": pareto(results)}
     write_json(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
     print(f"{report['config']}, {args.steps} steps of batch 64; bytes per worker over the run, {WORKERS} workers "
           "(LTE: a parameter server and 4 workers x 1 head; full-rank: DDP over 4 ranks)")
-    print("| run | final eval loss | vs full-rank | bytes per worker | DDP / run |")
-    print("|---|---|---|---|---|")
+    print("| run | final eval loss | vs full-rank | samples to full-rank's loss | bytes per worker | DDP / run |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         rel = f"{(r['eval_loss'] / reference - 1) * 100:+.1f}%" if reference else ""
-        print(f"| {r['name']} | {r['eval_loss']:.3f} | {rel} | {r['bytes_per_worker'] / 1e6:,.1f} MB | "
-              f"{r['ddp_over_bytes']:,.0f}x |")
+        reach = r["samples_to_full_rank_loss"]
+        front = " (Pareto)" if r["name"] in report["pareto"] else ""
+        print(f"| {r['name']}{front} | {r['eval_loss']:.3f} | {rel} | {'-' if reach is None else f'{reach:,}'} | "
+              f"{r['bytes_per_worker'] / 1e6:,.2f} MB | {r['ddp_over_bytes']:,.0f}x |")
     print(f"-> {args.out}")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DIGITS, ROOT, child_env, config, final, metrics, run_command, small, summary, train_command
+from helpers import (DIGITS, ROOT, assert_same_weights, child_env, config, final, metrics, run_command, small, summary,
+                     train_command)
 from lte.core.linear import is_patch_conv
 from lte.models import create_model
 
@@ -119,6 +120,38 @@ def test_ddp_trains_the_gpt(tmp_path):
     # from ln 65 = 4.17 at the start, down at every evaluation
     assert len(evals) == 3 and evals[0] < 4.0 and evals[0] > evals[1] > evals[2] and evals[2] < 3.7, evals
     assert set(summary(tmp_path)["eval"]) == {"loss", "perplexity"}
+
+
+def test_diloco_on_one_rank_is_full_rank_training(tmp_path):
+    """Averaging the weights of one rank leaves them as they are: DiLoCo's loop on one rank (no outer
+    optimizer) trains exactly what mode=full trains."""
+    code, out = run(["mode=diloco", "lte.merge_every=5", "train.steps=20", f"out_dir={tmp_path / 'diloco'}"],
+                    nproc=1)
+    assert code == 0, out
+    code, out = run(["mode=full", "train.steps=20", f"out_dir={tmp_path / 'full'}"])
+    assert code == 0, out
+    assert_same_weights(final(tmp_path / "diloco"), final(tmp_path / "full"))
+    assert summary(tmp_path / "diloco")["merges"] == 4
+
+
+DILOCO = ["mode=diloco", "lte.merge_every=10", "lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9",
+          "train.warmup_steps=0", "train.min_lr_ratio=1", "checkpoint.every=1"]  # a constant lr: a run can grow
+
+
+def test_diloco_counts_one_ring_all_reduce_a_round_and_resumes_exactly(tmp_path):
+    code, out = run([*DILOCO, "train.steps=30", f"out_dir={tmp_path / 'whole'}"], nproc=2)
+    assert code == 0, out
+    s = summary(tmp_path / "whole")
+    params = sum(p.numel() for p in create_model("vit_digits", embed_dim=16, depth=1, num_heads=2).parameters())
+    per_round = 2 * (2 * (2 - 1) / 2 * params * 4)  # sent + received of a 2-rank ring all-reduce
+    assert s["mode"] == "diloco" and s["merges"] == 3
+    assert s["comm"]["bytes_per_step_per_worker"] == pytest.approx(3 * per_round / 30)
+    # 20 steps, then the same run continued to 30 from its final checkpoint: every rank's inner AdamW
+    # state and RNG come back from rank 0's checkpoint
+    for steps in (20, 30):
+        code, out = run([*DILOCO, f"train.steps={steps}", f"out_dir={tmp_path / 'grown'}"], nproc=2)
+        assert code == 0, out
+    assert_same_weights(final(tmp_path / "whole"), final(tmp_path / "grown"))
 
 
 def test_nonfinite_worker_update_is_rejected(tmp_path):

@@ -1,5 +1,5 @@
-"""LTE as a multi-process system: a parameter server and workers (mode=ps) and the DDP baseline
-(mode=ddp), over torch.distributed, launched by torchrun or lte-train --nproc-per-node."""
+"""LTE as a multi-process system: a parameter server and workers (mode=ps), and the DDP and DiLoCo
+baselines (mode=ddp, mode=diloco), over torch.distributed, launched by torchrun or lte-train --nproc-per-node."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ from .comm import Exchange, PeerError
 
 
 def run_distributed(cfg: Config) -> dict | None:
-    """Run this process's part of a mode=ps or mode=ddp run; the summary on rank 0."""
+    """Run this process's part of a mode=ps, ddp or diloco run; the summary on rank 0."""
     world = dist_env.read_env(cfg)[1]
     if cfg.mode == "ps" and world >= 2:  # fewer: init refuses it
         # Refused in every process alike before any joins the group: a process that leaves while
@@ -37,6 +37,10 @@ def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
         from .ddp import run_ddp
 
         return run_ddp(cfg, env, exchange)
+    if cfg.mode == "diloco":
+        from .diloco import run_diloco
+
+        return run_diloco(cfg, env, exchange)
     if env.rank == 0:
         from .server import ParameterServer
 

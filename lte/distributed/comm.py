@@ -151,6 +151,18 @@ class Exchange:
         for work in works:
             work.wait(self.timeout)
 
+    def count_ring_all_reduce(self, nbytes: int) -> None:
+        """What a ring all-reduce of `nbytes` moves per rank: 2 (W-1)/W nbytes sent, the same received."""
+        share = int(2 * (self.world - 1) / self.world * nbytes)
+        self.sent, self.received = self.sent + share, self.received + share
+
+    def all_reduce_mean(self, buf: torch.Tensor, what: str) -> torch.Tensor:
+        """Every rank's `buf` averaged over the ranks, in place (counted as a ring all-reduce)."""
+        work = buf.to(self.device)  # the group's device (the host under Gloo)
+        self._run(lambda: dist.all_reduce(work, op=dist.ReduceOp.SUM), what)
+        self.count_ring_all_reduce(buf.numel() * buf.element_size())
+        return buf.copy_(work.div_(self.world))
+
     def barrier(self, what: str) -> None:
         self._run(lambda: dist.barrier(), what)
 

@@ -24,26 +24,31 @@ from .env import DistEnv
 
 def _counting_allreduce(exchange: Exchange, bucket):
     buf = bucket.buffer()
-    share = int(2 * (exchange.world - 1) / exchange.world * buf.numel() * buf.element_size())
-    exchange.sent += share
-    exchange.received += share
+    exchange.count_ring_all_reduce(buf.numel() * buf.element_size())
     return default_hooks.allreduce_hook(None, bucket)
 
 
 class DDPTrainer(Trainer):
+    """A rank of a full-rank run over several processes, each on its own slice of every batch: DDP
+    (gradients all-reduced every step), and the base of mode=diloco (lte.distributed.diloco)."""
+
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange, rundir: RunDir | None):
         if cfg.train.batch_size % env.world:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {env.world} DDP ranks")
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {env.world} "
+                              f"{cfg.mode} ranks")
+        data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
+        engine = Engine(cfg, data, env.device, heads=None, streams=range(env.rank, env.rank + 1),
+                        per_stream=cfg.train.batch_size // env.world, wrap=self.wrapper(env, exchange))
+        super().__init__(cfg, engine, rundir)
+        self.env, self.exchange = env, exchange
+
+    def wrapper(self, env: DistEnv, exchange: Exchange):
+        """DistributedDataParallel, its all-reduce counted."""
         def wrap(model):
             ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
             ddp.register_comm_hook(exchange, _counting_allreduce)
             return ddp
-
-        data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
-        engine = Engine(cfg, data, env.device, heads=None, streams=range(env.rank, env.rank + 1),
-                        per_stream=cfg.train.batch_size // env.world, wrap=wrap)
-        super().__init__(cfg, engine, rundir)
-        self.exchange = exchange
+        return wrap
 
     def state(self) -> dict:
         # Every rank's counters are equal (a ring all-reduce is symmetric), so rank 0's stand for all.
@@ -61,7 +66,7 @@ class DDPTrainer(Trainer):
                 "comm": {"per_rank": per_rank, "bytes_per_step_per_worker": bytes_per_step(per_rank, self.step)}}
 
 
-def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:
+def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange, trainer: type[DDPTrainer] = DDPTrainer) -> dict | None:
     """Rank 0 holds the run directory and decides how the run starts; every rank follows. Ranks
     other than 0 read the checkpoint rank 0 chose, so on several nodes out_dir must be shared."""
     rundir, decision, error = None, [None], None
@@ -84,7 +89,7 @@ def run_ddp(cfg: Config, env: DistEnv, exchange: Exchange) -> dict | None:
             path = decision[0]["path"]
             start = Start() if path is None else Start(torch.load(path, map_location="cpu", weights_only=True),
                                                        Path(path))
-        return DDPTrainer(cfg, env, exchange, rundir).run(start) or None
+        return trainer(cfg, env, exchange, rundir).run(start) or None
     finally:
         if rundir is not None:
             rundir.unlock()

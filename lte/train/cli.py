@@ -22,7 +22,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", help="YAML config file (defaults for every key otherwise)")
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                        help="start N local processes (mode=ps or ddp), rendezvous on loopback only")
+                        help="start N local processes (mode=ps, ddp or diloco), rendezvous on loopback only")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
                         help="with --nproc-per-node: restart every process up to R times after a failure")
     parser.add_argument("--script", metavar="PATH",

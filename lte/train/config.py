@@ -22,7 +22,9 @@ from ..errors import ConfigError
 from ..memory import FORMATS, check_reset, get_activations
 from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
 
-MODES = ("lte", "full", "ps", "ddp")
+MODES = ("lte", "full", "ps", "ddp", "diloco")
+MULTI_PROCESS = ("ps", "ddp", "diloco")  # launched by torchrun or lte-train --nproc-per-node
+MERGING = ("lte", "ps", "diloco")        # modes whose rounds end in a merge (lte.outer applies)
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -80,7 +82,7 @@ PER_RANK_KEYS = ("base_dtype", "activations", "velora_subtoken", "chunks")
 
 
 @dataclass
-class DistCfg:                   # mode=ps and mode=ddp
+class DistCfg:                   # mode=ps, ddp and diloco
     backend: str = "auto"        # auto: nccl between GPU processes, gloo otherwise
     timeout_s: float = 300.0     # a collective that waits longer ends the run with an error
     ps_device: str = "cpu"       # where the parameter server keeps the fp32 master: cpu | cuda
@@ -132,6 +134,7 @@ class LogCfg:
 @dataclass
 class Config:
     mode: str = "lte"            # lte: simulated heads | full: full-rank | ps: parameter server + workers | ddp
+    #                              | diloco: full-rank workers averaging every lte.merge_every steps (baseline)
     seed: int = 0
     out_dir: str = "runs/default"    # "{mode}" in it is replaced by the run's mode
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -332,9 +335,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"comm.upload={cfg.comm.upload} cannot run with lte.reset=none: that merge subtracts "
                           "the previous round's factors as the workers hold them, not as they were sent; use "
                           "lte.reset=b or ab")
-    if lt.outer != "none" and cfg.mode not in ("lte", "ps"):
-        raise ConfigError(f"lte.outer={lt.outer} steps the merges of LTE heads (mode=lte or ps); mode={cfg.mode} "
-                          "has no merge")
+    if lt.outer != "none" and cfg.mode not in MERGING:
+        raise ConfigError(f"lte.outer={lt.outer} steps the merges of rounds (mode=lte, ps or diloco); "
+                          f"mode={cfg.mode} has no merge")
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
            cfg.dist.backend)
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)

@@ -4,7 +4,7 @@
     summary = lte.train.run("configs/digits.yaml", model=MyNet, data=my_data, overrides=["mode=full"])
 
 `python my_script.py` runs mode=lte and mode=full; `torchrun --nproc_per_node=3 my_script.py` (or
-`lte-train --nproc-per-node 3 --script my_script.py`) runs mode=ps and mode=ddp, every process
+`lte-train --nproc-per-node 3 --script my_script.py`) runs mode=ps, ddp and diloco, every process
 calling run() with the same arguments. The summary comes back on the process that writes it
 (the only one in lte/full mode, rank 0 otherwise); the others get None.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..data import register_data
 from ..models import register
-from .config import Config, config_from_dict, load_config, validate
+from .config import MULTI_PROCESS, Config, config_from_dict, load_config, validate
 
 
 def run(config: str | Path | dict | Config | None, *, model: Callable | None = None, data: Callable | None = None,
@@ -33,7 +33,7 @@ def run(config: str | Path | dict | Config | None, *, model: Callable | None = N
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=_register(data, register_data)))
     validate(cfg)
-    if cfg.mode in ("ps", "ddp"):
+    if cfg.mode in MULTI_PROCESS:
         from ..distributed import run_distributed
 
         return run_distributed(cfg)

@@ -172,7 +172,7 @@ def refuse_several_processes(cfg: Config) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise ConfigError(f"mode={cfg.mode} runs in one process, but this is one of {world} processes started "
-                          "by torchrun or --nproc-per-node; start it without them (mode=ps and mode=ddp use "
+                          "by torchrun or --nproc-per-node; start it without them (mode=ps, ddp and diloco use "
                           "several processes)")
 
 
