@@ -8,7 +8,8 @@ full-rank training, on the language-model default (configs/shakespeare_char.yaml
 Every run trains the same samples (train.steps at batch 64) in its own `lte-train` process. The LTE
 runs are mode=lte: N simulated heads merge exactly as N parameter-server workers of one head each
 would (tests/test_dist.py holds ps == lte to 1e-5), so their quality is that of the mode=ps run
-the bytes are counted for. Bytes per worker over a run come from the parameter server's message
+the bytes are counted for. mode=diloco runs as WORKERS processes and reports its own byte counters
+(one ring all-reduce of the model a round). Bytes per worker over a run come from the parameter server's message
 layouts for WORKERS workers x 1 head (lte.distributed.protocol, the sizes its byte counters count:
 tests/test_dist.py checks the counters against them): the first base download, then every round's
 upload and download. DDP's are what its counting hook adds up for the full-rank model over WORKERS
@@ -50,6 +51,8 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T100-nesterov-int8": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int8"],
     "lte-T100-nesterov-int4": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4"],
     "lte-T200-nesterov-int4": ["lte.merge_every=200", "eval.every=1", *NESTEROV, "comm.upload=int4"],
+    "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
+    "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }
 
 
@@ -75,12 +78,17 @@ def ddp_bytes_per_worker(steps: int) -> int:
 
 
 def run_one(name: str, steps: int, work: Path) -> dict:
+    """One run of RUNS; DiLoCo as WORKERS processes, whose byte counters it reports."""
     out_dir = work / name
     overrides = [*COMMON, *RUNS[name], f"train.steps={steps}", f"out_dir={out_dir}"]
-    summary = run_train(train_command("--config", CONFIG, *overrides), out_dir, log=work / f"{name}.log")
+    nproc = WORKERS if "mode=diloco" in RUNS[name] else None
+    summary = run_train(train_command("--config", CONFIG, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
     curve = [(r["step"], r["eval_loss"]) for r in read_metrics(out_dir) if "eval_loss" in r]
-    return {"name": name, "overrides": RUNS[name], "eval_loss": summary["eval"]["loss"], "curve": curve,
-            "train_s": summary["train_s"], "merges": summary["merges"]}
+    out = {"name": name, "overrides": RUNS[name], "eval_loss": summary["eval"]["loss"], "curve": curve,
+           "train_s": summary["train_s"], "merges": summary["merges"]}
+    if nproc:
+        out["measured_bytes_per_worker"] = summary["comm"]["bytes_per_step_per_worker"] * summary["steps"]
+    return out
 
 
 def pareto(results: list[dict]) -> list[str]:
@@ -133,7 +141,11 @@ def main() -> None:
         results = list(pool.map(lambda n: run_one(n, args.steps, args.work), names))
     ddp = ddp_bytes_per_worker(args.steps)
     for r in results:
-        r["bytes_per_worker"] = ddp if r["name"] == "full" else ps_bytes_per_worker(RUNS[r["name"]], args.steps)
+        if r["name"] == "full":
+            r["bytes_per_worker"] = ddp
+        else:
+            r["bytes_per_worker"] = r.get("measured_bytes_per_worker") or ps_bytes_per_worker(RUNS[r["name"]],
+                                                                                              args.steps)
         r["ddp_over_bytes"] = ddp / r["bytes_per_worker"]
     if args.keep and args.out.exists():
         earlier = json.loads(args.out.read_text())
