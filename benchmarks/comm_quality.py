@@ -1,20 +1,26 @@
-"""Bytes per worker against final quality: LTE across round lengths T and outer optimizers, next to
-full-rank training, on the language-model default (configs/shakespeare_char.yaml).
+"""Bytes per worker against final quality: full-rank (DDP), DiLoCo, and LTE across round lengths T,
+outer optimizers and upload codecs, on the language-model default (configs/shakespeare_char.yaml,
+4 workers x 1 head) or the digits ViT (configs/digits.yaml, 2 workers x 2 heads).
 
-    python benchmarks/comm_quality.py                          # every run of the CPU preset, 2 at a time
-    python benchmarks/comm_quality.py --runs lte-T50-nesterov  # some of them
-    python benchmarks/comm_quality.py --steps 40 --runs full,lte-T10   # the code path in a minute
+    python benchmarks/comm_quality.py                          # every run, the language model, 2 at a time
+    python benchmarks/comm_quality.py --preset digits          # the digits ViT
+    python benchmarks/comm_quality.py --runs lte-T50-nesterov --keep   # some runs, added to the last report
+    python benchmarks/comm_quality.py --steps 40 --runs full,lte-T10 --fresh   # the code path in a minute
 
-Every run trains the same samples (train.steps at batch 64) in its own `lte-train` process. The LTE
-runs are mode=lte: N simulated heads merge exactly as N parameter-server workers of one head each
-would (tests/test_dist.py holds ps == lte to 1e-5), so their quality is that of the mode=ps run
-the bytes are counted for. mode=diloco runs as WORKERS processes and reports its own byte counters
-(one ring all-reduce of the model a round). Bytes per worker over a run come from the parameter server's message
-layouts for WORKERS workers x 1 head (lte.distributed.protocol, the sizes its byte counters count:
-tests/test_dist.py checks the counters against them): the first base download, then every round's
-upload and download. DDP's are what its counting hook adds up for the full-rank model over WORKERS
-ranks, a ring all-reduce of the fp32 gradient every step; full-rank training in one process gives
-DDP's quality (the same global batch and steps).
+A run already finished in --work (benchmarks/results/comm-quality-<preset>/<run>) is read back, not
+run again (lte-train returns a finished run's summary): an interrupted benchmark continues where
+it stopped; --fresh starts every run afresh.
+
+Every run trains the same samples (train.steps at the config's batch) in its own `lte-train`
+process. The LTE runs are mode=lte: N simulated heads merge as the parameter server's workers' heads
+would (tests/test_dist.py holds ps == lte to 1e-5, with an outer optimizer and int4 uploads too), so
+their quality is that of the mode=ps run whose bytes are counted: those come from the parameter
+server's message layouts for the preset's workers (lte.distributed.protocol, the sizes its byte
+counters count, as tests/test_dist.py checks), the first base download, then every round's upload
+and download. mode=diloco runs as that many processes and reports its own byte counters (one ring
+all-reduce of the model a round). DDP's bytes are what its counting hook adds up for the full-rank
+model over as many ranks, a ring all-reduce of the fp32 gradient every step; full-rank training in
+one process gives DDP's quality (the same global batch and steps).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from common import ROOT, machine, read_metrics, run_train, train_command, write_json
@@ -33,9 +40,7 @@ from lte.train.config import load_config
 from lte.train.engine import build_model
 from lte.train.report import pyplot
 
-CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
-WORKERS = 4
-COMMON = ["train.device=cpu", "checkpoint.every=0", "checkpoint.resume=false"]
+COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work is read back, not run again
 NESTEROV = ["lte.outer=nesterov", "lte.outer_lr=1.0", "lte.outer_momentum=0.5"]
 DILOCO_OUTER = ["lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9"]
 RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
@@ -47,72 +52,86 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T100-nesterov": ["lte.merge_every=100", "eval.every=1", *NESTEROV],
     "lte-T100-diloco-outer": ["lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
     "lte-T200-nesterov": ["lte.merge_every=200", "eval.every=1", *NESTEROV],
+    "lte-T100-nesterov-m0.8": ["lte.merge_every=100", "eval.every=1", "lte.outer=nesterov", "lte.outer_lr=1.0",
+                               "lte.outer_momentum=0.8"],
     "lte-T10-int4": ["lte.merge_every=10", "comm.upload=int4"],
+    "lte-T50-nesterov-int4": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4"],
+    "lte-T100-int4": ["lte.merge_every=100", "eval.every=1", "comm.upload=int4"],
+    "lte-T200-int4": ["lte.merge_every=200", "eval.every=1", "comm.upload=int4"],
     "lte-T100-nesterov-int8": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int8"],
     "lte-T100-nesterov-int4": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4"],
     "lte-T200-nesterov-int4": ["lte.merge_every=200", "eval.every=1", *NESTEROV, "comm.upload=int4"],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
     "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }
+PRESETS = {  # the language-model default (4 workers x 1 head) and the digits (2 workers x 2 heads)
+    "shakespeare": {"config": "shakespeare_char.yaml", "workers": 4, "metric": "loss"},
+    "digits": {"config": "digits.yaml", "workers": 2, "metric": "accuracy"},
+}
 
 
-def ps_bytes_per_worker(overrides: list[str], steps: int) -> int:
+def ps_bytes_per_worker(config: Path, workers: int, overrides: list[str], steps: int) -> int:
     """Bytes one worker of a mode=ps run with these overrides sends and receives over the run."""
-    cfg = load_config(CONFIG, [*COMMON, *overrides, "mode=ps", f"lte.heads={WORKERS}", "worker.heads=1",
-                               f"train.steps={steps}"])
+    cfg = load_config(config, [*COMMON, *overrides, "mode=ps", f"train.steps={steps}"])
+    cfg = load_config(config, [*COMMON, *overrides, "mode=ps", f"train.steps={steps}",
+                               f"worker.heads={cfg.lte.heads // workers}"])
     data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
     model = build_model(cfg, data, None)
     spec, _ = core.plan(model, cfg.lte_config())
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items() if k in spec.master_keys()}
-    proto = worker_protocols(cfg, spec, shapes, WORKERS)[0]
+    proto = worker_protocols(cfg, spec, shapes, workers)[0]
     rounds = math.ceil(steps / cfg.lte.merge_every)
     return proto.download.nbytes + rounds * (proto.upload.nbytes + proto.download.nbytes)
 
 
-def ddp_bytes_per_worker(steps: int) -> int:
-    cfg = load_config(CONFIG, [*COMMON, "mode=ddp"])
+def ddp_bytes_per_worker(config: Path, workers: int, steps: int) -> int:
+    cfg = load_config(config, [*COMMON, "mode=ddp"])
     data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
     params = sum(p.numel() for p in build_model(cfg, data, None).parameters())
-    per_step = 2 * int(2 * (WORKERS - 1) / WORKERS * params * 4)  # sent + received, as ddp.py counts
+    per_step = 2 * int(2 * (workers - 1) / workers * params * 4)  # sent + received, as ddp.py counts
     return steps * per_step
 
 
-def run_one(name: str, steps: int, work: Path) -> dict:
-    """One run of RUNS; DiLoCo as WORKERS processes, whose byte counters it reports."""
+def run_one(name: str, config: Path, workers: int, steps: int, work: Path) -> dict:
+    """One run of RUNS; DiLoCo as `workers` processes, whose byte counters it reports."""
     out_dir = work / name
     overrides = [*COMMON, *RUNS[name], f"train.steps={steps}", f"out_dir={out_dir}"]
-    nproc = WORKERS if "mode=diloco" in RUNS[name] else None
-    summary = run_train(train_command("--config", CONFIG, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
+    nproc = workers if "mode=diloco" in RUNS[name] else None
+    summary = run_train(train_command("--config", config, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
     curve = [(r["step"], r["eval_loss"]) for r in read_metrics(out_dir) if "eval_loss" in r]
-    out = {"name": name, "overrides": RUNS[name], "eval_loss": summary["eval"]["loss"], "curve": curve,
-           "train_s": summary["train_s"], "merges": summary["merges"]}
+    out = {"name": name, "overrides": RUNS[name], "eval_loss": summary["eval"]["loss"],
+           "eval_accuracy": summary["eval"].get("accuracy"), "curve": curve, "train_s": summary["train_s"],
+           "merges": summary["merges"]}
     if nproc:
         out["measured_bytes_per_worker"] = summary["comm"]["bytes_per_step_per_worker"] * summary["steps"]
     return out
 
 
-def pareto(results: list[dict]) -> list[str]:
-    """The runs no other run beats on both bytes and final loss."""
+def badness(r: dict, metric: str) -> float:
+    return r["eval_loss"] if metric == "loss" else -r["eval_accuracy"]
+
+
+def pareto(results: list[dict], metric: str) -> list[str]:
+    """The runs no other run beats on both bytes and final quality."""
+    key = lambda r: (r["bytes_per_worker"], badness(r, metric))  # noqa: E731
     return [r["name"] for r in results
-            if not any(o["bytes_per_worker"] <= r["bytes_per_worker"] and o["eval_loss"] <= r["eval_loss"]
-                       and (o["bytes_per_worker"], o["eval_loss"]) != (r["bytes_per_worker"], r["eval_loss"])
-                       for o in results)]
+            if not any(all(a <= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in results)]
 
 
 def plot(report: dict, png: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     runs = report["runs"]
+    y = "eval_loss" if report["metric"] == "loss" else "eval_accuracy"
     for r in runs:
-        ax.scatter(r["bytes_per_worker"], r["eval_loss"], color="tab:red" if r["name"] in report["pareto"] else "grey")
-        ax.annotate(r["name"], (r["bytes_per_worker"], r["eval_loss"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        ax.scatter(r["bytes_per_worker"], r[y], color="tab:red" if r["name"] in report["pareto"] else "grey")
+        ax.annotate(r["name"], (r["bytes_per_worker"], r[y]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     front = sorted((r for r in runs if r["name"] in report["pareto"]), key=lambda r: r["bytes_per_worker"])
-    ax.plot([r["bytes_per_worker"] for r in front], [r["eval_loss"] for r in front], color="tab:red", linewidth=1,
+    ax.plot([r["bytes_per_worker"] for r in front], [r[y] for r in front], color="tab:red", linewidth=1,
             label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel(f"bytes per worker over the run ({report['workers']} workers)")
-    ax.set_ylabel("final eval loss")
+    ax.set_ylabel(f"final eval {report['metric']}")
     ax.set_title(f"{report['config']}, {report['steps']} steps ({report['machine']['device']})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -123,55 +142,72 @@ def plot(report: dict, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=1500, help="every run's steps (batch 64)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each uses one thread)")
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "comm-quality-runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "comm_quality.json")
+    parser.add_argument("--work", type=Path, default=None, help="the runs' out_dirs (default: benchmarks/results/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the report (default: benchmarks/results/comm_quality_<preset>.json; the PNG beside it)")
+    parser.add_argument("--fresh", action="store_true", help="delete --work first: every run from scratch")
     parser.add_argument("--keep", action="store_true",
                         help="keep the runs of an existing --out report that this invocation does not run")
     args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    config, workers, metric = ROOT / "configs" / preset["config"], preset["workers"], preset["metric"]
+    work = args.work or ROOT / "benchmarks" / "results" / f"comm-quality-{args.preset}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"comm_quality_{args.preset}.json"
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; there are {list(RUNS)}")
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
     if args.parallel > 1:  # one thread a run: runs side by side must not fight over the cores
         os.environ["OMP_NUM_THREADS"] = "1"
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda n: run_one(n, args.steps, args.work), names))
-    ddp = ddp_bytes_per_worker(args.steps)
+        results = list(pool.map(lambda n: run_one(n, config, workers, args.steps, work), names))
+    ddp = ddp_bytes_per_worker(config, workers, args.steps)
     for r in results:
         if r["name"] == "full":
             r["bytes_per_worker"] = ddp
         else:
-            r["bytes_per_worker"] = r.get("measured_bytes_per_worker") or ps_bytes_per_worker(RUNS[r["name"]],
-                                                                                              args.steps)
+            r["bytes_per_worker"] = r.get("measured_bytes_per_worker") or ps_bytes_per_worker(
+                config, workers, RUNS[r["name"]], args.steps)
         r["ddp_over_bytes"] = ddp / r["bytes_per_worker"]
-    if args.keep and args.out.exists():
-        earlier = json.loads(args.out.read_text())
+    if args.keep and out.exists():
+        earlier = json.loads(out.read_text())
         if earlier["steps"] == args.steps:
             results = [r for r in earlier["runs"] if r["name"] not in names] + results
     results.sort(key=lambda r: list(RUNS).index(r["name"]))
-    reference = next((r["eval_loss"] for r in results if r["name"] == "full"), None)
+    full = next((r for r in results if r["name"] == "full"), None)
+    batch = load_config(config).train.batch_size
     for r in results:  # the first evaluation at or below full-rank's final loss
-        reach = next((step for step, loss in r["curve"] if reference is not None and loss <= reference), None)
-        r["samples_to_full_rank_loss"] = None if reach is None else reach * load_config(CONFIG).train.batch_size
-    report = {"benchmark": "comm_quality", "config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
-              "workers": WORKERS, "machine": machine("cpu"), "ddp_bytes_per_worker": ddp, "runs": results,
-              "pareto": pareto(results)}
-    write_json(args.out, report)
-    plot(report, args.out.with_suffix(".png"))
-    print(f"{report['config']}, {args.steps} steps of batch 64; bytes per worker over the run, {WORKERS} workers "
-          "(LTE: a parameter server and 4 workers x 1 head; full-rank: DDP over 4 ranks)")
-    print("| run | final eval loss | vs full-rank | samples to full-rank's loss | bytes per worker | DDP / run |")
-    print("|---|---|---|---|---|---|")
+        reach = next((step for step, loss in r["curve"] if full is not None and loss <= full["eval_loss"]), None)
+        r["samples_to_full_rank_loss"] = None if reach is None else reach * batch
+    report = {"benchmark": "comm_quality", "preset": args.preset, "config": str(config.relative_to(ROOT)),
+              "steps": args.steps, "workers": workers, "metric": metric, "machine": machine("cpu"),
+              "ddp_bytes_per_worker": ddp, "runs": results, "pareto": pareto(results, metric)}
+    write_json(out, report)
+    plot(report, out.with_suffix(".png"))
+    print(f"{report['config']}, {args.steps} steps of batch {batch}; bytes per worker over the run, {workers} "
+          f"workers (LTE: a parameter server and {workers} workers; full-rank: DDP over {workers} ranks)")
+    print("| run | final eval loss | eval accuracy | vs full-rank | samples to full-rank's loss | bytes per worker "
+          "| DDP / run |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        rel = f"{(r['eval_loss'] / reference - 1) * 100:+.1f}%" if reference else ""
-        reach = r["samples_to_full_rank_loss"]
+        if full is None:
+            rel = ""
+        elif metric == "loss":
+            rel = f"{(r['eval_loss'] / full['eval_loss'] - 1) * 100:+.1f}%"
+        else:
+            rel = f"{(r['eval_accuracy'] - full['eval_accuracy']) * 100:+.1f} points"
+        reach, acc = r["samples_to_full_rank_loss"], r.get("eval_accuracy")
         front = " (Pareto)" if r["name"] in report["pareto"] else ""
-        print(f"| {r['name']}{front} | {r['eval_loss']:.3f} | {rel} | {'-' if reach is None else f'{reach:,}'} | "
-              f"{r['bytes_per_worker'] / 1e6:,.2f} MB | {r['ddp_over_bytes']:,.0f}x |")
-    print(f"-> {args.out}")
+        print(f"| {r['name']}{front} | {r['eval_loss']:.3f} | {'-' if acc is None else f'{acc:.3f}'} | {rel} | "
+              f"{'-' if reach is None else f'{reach:,}'} | {r['bytes_per_worker'] / 1e6:,.2f} MB | "
+              f"{r['ddp_over_bytes']:,.0f}x |")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":
