@@ -97,7 +97,7 @@ def test_server_redraws_the_A_a_lora_fa_worker_trained_with():
     for merges in range(3):  # the A worker rank 2 (heads 2, 3) holds in round `merges`
         heads = core.head_state(model)
         upload = protos[1].upload.unpack(protos[1].upload.pack({**heads, "stats": torch.zeros(2)}))
-        factors = protos[1].factors(upload, seed=0, first_head=2, draw=merges)
+        factors = protos[1].factors(upload, {}, seed=0, first_head=2, draw=merges)  # fp32: no master needed
         assert set(factors) == set(heads)
         for key, value in heads.items():
             assert torch.equal(factors[key], value), key
