@@ -36,7 +36,8 @@ from common import ROOT, machine, read_metrics, run_train, train_command, write_
 from lte import core
 from lte.data import build_data
 from lte.distributed.protocol import worker_protocols
-from lte.train.config import load_config
+from lte.distributed.comm import ring_all_reduce_share
+from lte.train.config import load_config, resolve_heads
 from lte.train.engine import build_model
 from lte.train.report import pyplot
 
@@ -72,9 +73,7 @@ PRESETS = {  # the language-model default (4 workers x 1 head) and the digits (2
 
 def ps_bytes_per_worker(config: Path, workers: int, overrides: list[str], steps: int) -> int:
     """Bytes one worker of a mode=ps run with these overrides sends and receives over the run."""
-    cfg = load_config(config, [*COMMON, *overrides, "mode=ps", f"train.steps={steps}"])
-    cfg = load_config(config, [*COMMON, *overrides, "mode=ps", f"train.steps={steps}",
-                               f"worker.heads={cfg.lte.heads // workers}"])
+    cfg = resolve_heads(load_config(config, [*COMMON, *overrides, "mode=ps", f"train.steps={steps}"]), workers)
     data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
     model = build_model(cfg, data, None)
     spec, _ = core.plan(model, cfg.lte_config())
@@ -88,7 +87,7 @@ def ddp_bytes_per_worker(config: Path, workers: int, steps: int) -> int:
     cfg = load_config(config, [*COMMON, "mode=ddp"])
     data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
     params = sum(p.numel() for p in build_model(cfg, data, None).parameters())
-    per_step = 2 * int(2 * (workers - 1) / workers * params * 4)  # sent + received, as ddp.py counts
+    per_step = 2 * ring_all_reduce_share(workers, params * 4)  # sent + received, as ddp.py counts
     return steps * per_step
 
 

@@ -43,6 +43,9 @@ class UploadCodec:
     def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         return parts[""].float().reshape(shape)
 
+    def describe(self) -> str:
+        return f"uploads in {self.name}" if self.lossy else ""
+
 
 class Bf16Codec(UploadCodec):
     name, lossy = "bf16", True
@@ -118,8 +121,7 @@ class Uploader:
         return self.codec.lossy
 
     def describe(self) -> str:
-        return f"uploads in {self.codec.name}" + (" with error feedback" if self.error_feedback else "") \
-            if self.lossy else ""
+        return self.codec.describe() + (" with error feedback" if self.lossy and self.error_feedback else "")
 
     @torch.no_grad()
     def encode(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,6 +30,12 @@ def bytes_per_step(per_rank: list[dict], steps: int) -> float:
     return sum(r["bytes_sent"] + r["bytes_received"] for r in per_rank) / len(per_rank) / max(steps, 1)
 
 
+def ring_all_reduce_share(world: int, nbytes: int) -> int:
+    """What a ring all-reduce of `nbytes` over `world` ranks sends per rank (and receives: the same),
+    2 (W-1)/W nbytes: DDP's gradients and DiLoCo's round change are counted so."""
+    return int(2 * (world - 1) / world * nbytes)
+
+
 class PeerError(UserError):
     """A collective failed or timed out: a peer died, hung or could not be reached."""
 
@@ -152,8 +158,7 @@ class Exchange:
             work.wait(self.timeout)
 
     def count_ring_all_reduce(self, nbytes: int) -> None:
-        """What a ring all-reduce of `nbytes` moves per rank: 2 (W-1)/W nbytes sent, the same received."""
-        share = int(2 * (self.world - 1) / self.world * nbytes)
+        share = ring_all_reduce_share(self.world, nbytes)
         self.sent, self.received = self.sent + share, self.received + share
 
     def all_reduce_mean(self, buf: torch.Tensor, what: str) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch
 
 from .. import core
 from ..data import build_data
-from ..core.upload import Uploader
 from ..errors import UserError
 from ..train.clock import RoundClock
 from ..train.config import Config
@@ -308,7 +307,7 @@ class ParameterServer:
         cfg = self.cfg
         workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {p.upload.nbytes:,} B "
                    f"and download {p.download.nbytes:,} B per round" for w, p in enumerate(self.protos)]
-        outer = "".join(f", {d}" for d in (self.outer.describe(), Uploader(self.protos[0].codec).describe()) if d)
+        outer = "".join(f", {d}" for d in (self.outer.describe(), self.protos[0].codec.describe()) if d)
         return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
                 f"{cfg.lte.merge_every} steps{outer}; {cfg.model.name} on {cfg.data.name}, "
