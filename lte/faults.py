@@ -1,10 +1,11 @@
 """Fault injection for testing failure paths, from one environment variable:
 
     LTE_FAULT=<kind>:rank=<r>:round=<n>[:attempt=<a>]     kill | hang | nan, on a ps worker
+    LTE_FAULT=sleep:rank=<r>:round=<n>:seconds=<s>        a ps worker that is late by s seconds
     LTE_FAULT=torn_write:step=<n>[:attempt=<a>]           any mode, while writing a checkpoint
 
-kill (the worker exits at once), hang (it stops answering) and nan (its factors turn NaN) fire on
-worker rank r just before its upload of round n (1-based). torn_write kills the process that
+kill (the worker exits at once), hang (it stops answering), nan (its factors turn NaN) and sleep
+(a straggler) fire on worker rank r just before its upload of round n (1-based). torn_write kills the process that
 writes the checkpoint of step n half-way through writing it. With attempt=a, a fault fires on
 launcher attempt a only (TORCHELASTIC_RESTART_COUNT), so a restarted run goes through.
 """
@@ -24,7 +25,7 @@ def _parse() -> dict | None:
     spec = {"kind": kind}
     for f in fields:
         name, _, value = f.partition("=")
-        spec[name] = int(value)
+        spec[name] = float(value) if name == "seconds" else int(value)
     return spec
 
 
@@ -49,6 +50,8 @@ def before_upload(rank: int, round_index: int, heads: dict[str, torch.Tensor]) -
         return
     if spec["kind"] == "kill":
         os._exit(17)
+    if spec["kind"] == "sleep":
+        time.sleep(spec.get("seconds", 1))
     if spec["kind"] == "hang":
         while True:
             time.sleep(3600)

@@ -70,8 +70,8 @@ class Progress:
 class Uploads:
     """One round's uploads, unpacked: every worker's tensors and whether its update was finite."""
 
-    views: list[dict[str, torch.Tensor]]
-    accepted: torch.Tensor   # 1 per worker whose factors are all finite
+    views: list[dict[str, torch.Tensor] | None]  # None: nothing arrived from that worker (an elastic run)
+    accepted: torch.Tensor   # 1 per worker whose factors arrived and are all finite
     seconds: float           # the gather's wall time
 
 
@@ -205,7 +205,7 @@ class ParameterServer:
         if kept:
             heads = {n: torch.cat([v[n] for v in kept]).to(self.env.device) for n in protos[0].heads}
             core.merge_into(self.master, heads, protos[0].spec, outer=self.outer)
-        bad = [w + 1 for w, ok in enumerate(uploads.accepted) if not ok]
+        bad = [w + 1 for w, (v, ok) in enumerate(zip(uploads.views, uploads.accepted)) if v is not None and not ok]
         if bad:
             progress.rejected += k * len(bad)
             self.log.say(f"round {progress.merges + 1}: rejected the non-finite update of worker rank(s) {bad}; "
@@ -225,7 +225,8 @@ class ParameterServer:
                "samples_per_s": steps * self.cfg.train.batch_size / max(now - progress.round_end, 1e-9),
                **{f"round_{n}": times[n] for n in PHASES}}
         chunk_losses = {str(w + 1): v["stats"][len(STATS):].tolist()  # local chunks: each chunk's mean loss
-                        for w, (p, v) in enumerate(zip(self.protos, uploads.views)) if p.chunks > 1}
+                        for w, (p, v, ok) in enumerate(zip(self.protos, uploads.views, uploads.accepted))
+                        if p.chunks > 1 and ok}
         if chunk_losses:
             row["chunk_losses"] = chunk_losses
         if self.clock.evaluates(progress.step):
@@ -245,11 +246,14 @@ class ParameterServer:
 
     def checkpoint(self, progress: Progress, snapshot: torch.Tensor, states: list[torch.Tensor], **extra) -> None:
         workers = [{n: t.clone() for n, t in p.state.unpack(b).items()} for p, b in zip(self.protos, states)]
-        self.rundir.save_checkpoint({
-            "master": self.model.state_dict(), "merges": progress.merges, "rejected_heads": progress.rejected,
-            "rng": torch.get_rng_state(), "comm": snapshot, "totals": progress.running_totals(),
-            "last_eval": progress.last_eval, "workers": workers, "outer": self.outer.state_dict(), **extra},
-            progress.step)
+        self.rundir.save_checkpoint({**self.run_state(progress), "comm": snapshot, "workers": workers, **extra},
+                                    progress.step)
+
+    def run_state(self, progress: Progress) -> dict:
+        """What a checkpoint keeps of the server itself: the master, its outer step, the loop's state."""
+        return {"master": self.model.state_dict(), "merges": progress.merges, "rejected_heads": progress.rejected,
+                "rng": torch.get_rng_state(), "totals": progress.running_totals(), "last_eval": progress.last_eval,
+                "outer": self.outer.state_dict()}
 
     def check_bases(self) -> list[int]:
         """Worker ranks whose final base differs from the server's last encoding in their format."""

@@ -1,5 +1,7 @@
 """lte-train [--nproc-per-node N] --config configs/X.yaml [dotted.key=value ...]
    lte-train --nproc-per-node N --script my_script.py [ARGS ...]
+   lte-train serve --config C [--host H] [--port P] [key=value ...]     an elastic run's server
+   lte-train join --server HOST:PORT --config C [--slot S] [key=value ...]   a worker joining it
    lte-train report RUN_DIR [RUN_DIR ...]
    lte-train resize-images SRC DST [--size 256]"""
 from __future__ import annotations
@@ -44,12 +46,49 @@ def leave_now() -> None:
     os._exit(0)
 
 
+def elastic(command: str, argv: list[str]) -> int:
+    """lte-train serve / join: one elastic run's server, or one worker joining it (lte.distributed.elastic)."""
+    parser = argparse.ArgumentParser(prog=f"lte-train {command}", description=(
+        "The server of an elastic mode=ps run: workers join and leave without stopping it." if command == "serve"
+        else "Join an elastic mode=ps run as a worker (with the server's config)."))
+    parser.add_argument("--config", "-c", help="YAML config file (the same for the server and every worker)")
+    if command == "serve":
+        parser.add_argument("--host", default="127.0.0.1",
+                            help="address to listen on (default loopback; beyond it LTE_JOIN_TOKEN must be set)")
+        parser.add_argument("--port", type=int, default=29400, help="port to listen on (0: any free one)")
+    else:
+        parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the server to join")
+        parser.add_argument("--slot", type=int, default=None,
+                            help="the worker slot to take (0-based; default: the first free one)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from ..distributed import elastic as run
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if command == "serve":
+            run.serve(cfg, args.host, args.port)
+        else:
+            run.join_run(cfg, args.server, args.slot)
+    except UserError as exc:
+        print(f"lte-train {command}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lte-train {command}: interrupted", file=sys.stderr)
+        return 130
+    leave_now()  # Gloo's threads may abort at interpreter teardown (see leave_now)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         from .report import main as report
 
         return report(argv[1:])
+    if argv[:1] in (["serve"], ["join"]):
+        return elastic(argv[0], argv[1:])
     if argv[:1] == ["resize-images"]:
         from ..data.resize import main as resize_images
 

@@ -45,7 +45,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.
 # observed or where it computes, not what it computes.
 FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
              "eval.", "checkpoint.",
-             "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device")
+             "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
+             "dist.min_workers")
 
 
 class RunInUse(UserError):
