@@ -1,10 +1,11 @@
-"""The parameter server (mode=ps) as the number of workers grows: the round's time split into compute,
-upload, merge and download, the bytes into and out of the server per round, rounds per second and
-the final eval loss, measured at a few worker counts; then a cost model fitted to those points
-predicts the server's overhead per round at 64..1024 workers behind a 10 or 100 Gbit/s link.
+"""The parameter server (mode=ps) as the number of workers grows, on one server rank or sharded over
+K (dist.servers): the round's time split into compute, upload, merge and download, the bytes into
+and out of each server rank per round, rounds per second and the final eval loss, measured at a
+few worker counts; then a cost model fitted to those points predicts the server's overhead per
+round at 64..1024 workers behind 10 or 100 Gbit/s links, one link per server rank.
 
-    python benchmarks/server_scale.py                            # 4, 8, 16 workers, CPU (a few minutes)
-    python benchmarks/server_scale.py --workers 4,8 --steps 100 --keep
+    python benchmarks/server_scale.py                            # 4, 8, 16 workers x K = 1, 2, 4 (CPU, minutes)
+    python benchmarks/server_scale.py --workers 4,8 --servers 1,2 --steps 100 --keep
     python benchmarks/server_scale.py --dry-run                  # 2 workers, 20 steps: the code path
 
 Every run is configs/digits.yaml with a tiny ViT (embed 16, depth 1, 2 attention heads), one head
@@ -44,6 +45,8 @@ PREDICT = (64, 128, 256, 512, 1024)
 LINKS = {"10 Gbit/s": 10e9 / 8, "100 Gbit/s": 100e9 / 8}  # bytes per second
 ASSUMPTIONS = [
     "server time per round = merge_s(W) + (W uploads in + W downloads out) / the server's link bandwidth",
+    "with K server ranks, each on its own link, each rank carries 1/K of the bytes and of the merge (the "
+    "shards hold whole tensors, so the busiest carries a little more: see the measured runs)",
     "merge_s(W) = a + b W, least squares on the measured points (the merge sums every worker's factors)",
     "the server's link is the bottleneck: the workers' links and the network core are not",
     "transfers to and from different workers share the server's link and do not overlap the merge",
@@ -54,20 +57,21 @@ ASSUMPTIONS = [
 ]
 
 
-def run_one(workers: int, steps: int, work: Path) -> dict:
-    """One mode=ps run of `workers` workers; the server's view of it."""
-    out_dir = work / f"w{workers}"
+def run_one(workers: int, servers: int, steps: int, work: Path) -> dict:
+    """One mode=ps run of `workers` workers and `servers` server ranks; the server's view of it."""
+    out_dir = work / f"w{workers}-k{servers}"
     overrides = [*OVERRIDES, f"train.batch_size={BATCH_PER_WORKER * workers}", f"train.steps={steps}",
-                 f"out_dir={out_dir}"]
+                 f"dist.servers={servers}", f"out_dir={out_dir}"]
     t0 = time.perf_counter()
-    s = run_train(train_command("--config", CONFIG, *overrides, nproc=workers + 1), out_dir,
-                  log=work / f"w{workers}.log")
-    server = next(r for r in s["comm"]["per_rank"] if r["rank"] == 0)
+    s = run_train(train_command("--config", CONFIG, *overrides, nproc=workers + servers), out_dir,
+                  log=work / f"w{workers}-k{servers}.log")
+    ranks = [r for r in s["comm"]["per_rank"] if r["rank"] < servers]
     rt, merges = s["round_time"], s["merges"]
-    return {"workers": workers, "steps": s["steps"], "merges": merges, "round_time": rt,
-            # counters include the start-up handshake and first base download, spread over the rounds
-            "server_bytes_in_per_round": server["bytes_received"] / merges,
-            "server_bytes_out_per_round": server["bytes_sent"] / merges,
+    return {"workers": workers, "servers": servers, "steps": s["steps"], "merges": merges, "round_time": rt,
+            # counters include the start-up handshake and first base download, spread over the rounds;
+            # per server rank, the busiest (the shards hold whole tensors, so they are not quite even)
+            "server_bytes_in_per_round": max(r["bytes_received"] for r in ranks) / merges,
+            "server_bytes_out_per_round": max(r["bytes_sent"] for r in ranks) / merges,
             "upload_bytes_per_worker": s["comm"]["upload_bytes_per_round"],
             "download_bytes_per_worker": s["comm"]["download_bytes_per_round"],
             "rounds_per_s": merges / s["wall_s"], "rounds_per_s_from_phases": 1 / sum(rt[p] for p in PHASES),
@@ -100,22 +104,26 @@ def gpt2_messages(counts: tuple[int, ...]) -> dict:
 
 
 def predict(runs: list[dict]) -> dict:
-    """The cost model fitted to the runs, and its predictions at PREDICT workers for each link."""
-    a, b = fit_line([r["workers"] for r in runs], [r["round_time"]["merge_s"] for r in runs])
-    last = max(runs, key=lambda r: r["workers"])
+    """The cost model fitted to the one-server runs, and its predictions at PREDICT workers for each
+    link, with the server on 1, 2 and 4 ranks (each rank its own link, 1/K of the bytes and of the merge)."""
+    single = [r for r in runs if r["servers"] == 1] or runs
+    a, b = fit_line([r["workers"] for r in single], [r["round_time"]["merge_s"] for r in single])
+    last = max(single, key=lambda r: r["workers"])
     per_worker = last["upload_bytes_per_worker"] + last["download_bytes_per_worker"]
-    compute = min(runs, key=lambda r: r["workers"])["round_time"]["compute_s"]
+    compute = min(single, key=lambda r: r["workers"])["round_time"]["compute_s"]
     gpt2 = gpt2_messages(PREDICT)
     rows = []
     for w in PREDICT:
-        merge, through = a + b * w, w * per_worker
-        g = gpt2[w]["upload"] * w + gpt2[w]["download"] * w
-        row = {"workers": w, "merge_s": merge, "server_bytes_per_round": through, "gpt2_server_bytes_per_round": g}
-        for link, bps in LINKS.items():
-            server = merge + through / bps
-            row[link] = {"server_s": server, "round_s": compute + server, "rounds_per_s": 1 / (compute + server),
-                         "gpt2_link_s": g / bps}
-        rows.append(row)
+        for k in (1, 2, 4):
+            merge, through = (a + b * w) / k, w * per_worker / k
+            g = (gpt2[w]["upload"] * w + gpt2[w]["download"] * w) / k
+            row = {"workers": w, "servers": k, "merge_s": merge, "server_bytes_per_round": through,
+                   "gpt2_server_bytes_per_round": g}
+            for link, bps in LINKS.items():
+                server = merge + through / bps
+                row[link] = {"server_s": server, "round_s": compute + server, "rounds_per_s": 1 / (compute + server),
+                             "gpt2_link_s": g / bps}
+            rows.append(row)
     return {"merge_fit": {"a_s": a, "b_s_per_worker": b}, "compute_s": compute,
             "bytes_per_worker_per_round": per_worker, "gpt2": gpt2[PREDICT[0]] | {"workers_counted": list(PREDICT)},
             "assumptions": ASSUMPTIONS, "rows": rows}
@@ -126,12 +134,12 @@ def markdown(report: dict) -> str:
     kb = lambda x: f"{x / 1e3:,.1f}"  # noqa: E731
     lines = [f"Parameter server scaling: configs/digits.yaml, tiny ViT, 1 head a worker, batch {BATCH_PER_WORKER} a "
              f"worker, T = 10, {report['steps']} steps; {m['device']}, torch {m['torch']}, one thread a process.", "",
-             "| workers | compute s | upload s | merge s | download s | rounds/s (merges / wall) | rounds/s "
-             "(1 / sum of phases) | server in KB/round | server out KB/round | eval loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| workers | server ranks | compute s | upload s | merge s | download s | rounds/s (merges / wall) | "
+             "rounds/s (1 / sum of phases) | busiest server rank in KB/round | out KB/round | eval loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         rt = r["round_time"]
-        lines.append(f"| {r['workers']} | " + " | ".join(f"{rt[k]:.4f}" for k in PHASES)
+        lines.append(f"| {r['workers']} | {r['servers']} | " + " | ".join(f"{rt[k]:.4f}" for k in PHASES)
                      + f" | {r['rounds_per_s']:.2f} | {r['rounds_per_s_from_phases']:.2f} | "
                      f"{kb(r['server_bytes_in_per_round'])} | {kb(r['server_bytes_out_per_round'])} | "
                      f"{r['eval_loss']:.4f} |")
@@ -141,12 +149,13 @@ def markdown(report: dict) -> str:
               f"{p['compute_s']:.4f} s a round (the tiny model's, measured). GPT-2 "
               f"({g['params'] / 1e6:.0f}M parameters, rank 64, nf4 base): {g['upload'] / 1e6:.1f} MB up + "
               f"{g['download'] / 1e6:.1f} MB down a worker a round.",
-              "", "| workers | merge s | server MB/round | 10G server s | 10G rounds/s | 100G server s | "
-              "100G rounds/s | GPT-2 GB/round | GPT-2 link s, 10G | GPT-2 link s, 100G |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "", "| workers | server ranks | merge s | MB/round a rank | 10G server s | 10G rounds/s | "
+              "100G server s | 100G rounds/s | GPT-2 GB/round a rank | GPT-2 link s, 10G | GPT-2 link s, 100G |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         ten, hundred = r["10 Gbit/s"], r["100 Gbit/s"]
-        lines.append(f"| {r['workers']} | {r['merge_s']:.4f} | {r['server_bytes_per_round'] / 1e6:.2f} | "
+        lines.append(f"| {r['workers']} | {r['servers']} | {r['merge_s']:.4f} | "
+                     f"{r['server_bytes_per_round'] / 1e6:.2f} | "
                      f"{ten['server_s']:.4f} | {ten['rounds_per_s']:.1f} | {hundred['server_s']:.4f} | "
                      f"{hundred['rounds_per_s']:.1f} | {r['gpt2_server_bytes_per_round'] / 1e9:.1f} | "
                      f"{ten['gpt2_link_s']:.1f} | {hundred['gpt2_link_s']:.1f} |")
@@ -158,6 +167,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="4,8,16", help="comma-separated worker counts")
+    parser.add_argument("--servers", default="1,2,4", help="comma-separated server rank counts (dist.servers)")
     parser.add_argument("--steps", type=int, default=150, help="steps of every run (T = 10: steps / 10 rounds)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server_scale.json",
                         help="the JSON report; the Markdown table beside it (.md)")
@@ -165,18 +175,20 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="2 workers, 20 steps: the code path only")
     args = parser.parse_args()
     counts = [2] if args.dry_run else [int(w) for w in args.workers.split(",")]
+    shards = [1, 2] if args.dry_run else [int(k) for k in args.servers.split(",")]
     steps = 20 if args.dry_run else args.steps
     os.environ["OMP_NUM_THREADS"] = "1"  # every rank shares the cores: one thread each, passed on by the launcher
     work = Path(tempfile.mkdtemp(prefix="server-scale-"))
     try:
-        runs = [run_one(w, steps, work) for w in counts]
+        runs = [run_one(w, k, steps, work) for w in counts for k in shards]
     finally:
         if args.keep:
             print(f"runs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    notes = [f"this machine has {os.cpu_count()} cores shared by all W + 1 processes, so compute (and every "
-             "phase) grows with W here; on one device per worker compute would not",
+    notes = [f"this machine has {os.cpu_count()} cores shared by all W + K processes, so compute (and every "
+             "phase) grows with W here; on one device per worker compute would not; more server ranks add "
+             "processes to the same cores, so K > 1 cannot be faster here: the byte columns are what K divides",
              "upload and download are loopback Gloo transfers, not a network link",
              "server bytes per round are its byte counters over the run / rounds: the start-up handshake "
              "and first base download are spread over the rounds"]

@@ -13,6 +13,9 @@ import torch
 from helpers import (DIGITS, ROOT, assert_same_weights, child_env, config, final, metrics, run_command, small, summary,
                      train_command)
 from lte.core.linear import is_patch_conv
+from lte.core.merge import MergeSpec
+from lte.distributed.shards import shard_specs
+from lte.errors import ConfigError
 from lte.models import create_model
 
 SMALL = small("train.log_every=10")
@@ -271,9 +274,52 @@ def test_checkpoint_from_a_different_model_stops_every_process(tmp_path):
     (dict(nproc=3), ["mode=ps", "lte.heads=4", "train.batch_size=30"], "does not split into lte.heads=4"),
     (dict(nproc=3), ["mode=ps", "worker.base_dtype=nf5"], "worker.base_dtype must be one of"),
     (dict(nproc=2), ["mode=ps", "dist.backend=nccl"], "dist.backend=nccl needs every process on a GPU"),
+    (dict(nproc=2), ["mode=ps", "dist.servers=2"], "needs at least 3 processes (2 server rank(s) and a worker)"),
+    (dict(), ["mode=lte", "dist.servers=2"], "dist.servers must be 1 outside mode=ps"),
 ])
 def test_bad_launches_are_refused_with_a_message(tmp_path, launch, args, message):
     code, out = run([*args, "train.steps=10", f"out_dir={tmp_path}"], timeout=120, **launch)
     assert code != 0
     assert message in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_sharded_server_equals_one_server_and_resumes_exactly(tmp_path):
+    """dist.servers=2 (ranks 0 and 1 each hold part of the master) == one server, bit for bit, with
+    an outer optimizer, int4 uploads and workers of two base formats; a worker killed in round 3
+    and restarted by the launcher resumes from the shards' checkpoint to the same weights."""
+    common = ["mode=ps", "lte.heads=4", "worker.heads=2", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1",
+              "lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5", "comm.upload=int4",
+              "worker.per_rank={2: {base_dtype: bf16}}"]
+    code, out = run([*common, f"out_dir={tmp_path / 'one'}"], nproc=3)
+    assert code == 0, out
+    code, out = run([*common, "dist.servers=2", f"out_dir={tmp_path / 'two'}"], nproc=4)
+    assert code == 0, out
+    assert "parameter server in 2 shards" in out
+    code, out = run([*common, "dist.servers=2", f"out_dir={tmp_path / 'killed'}"],
+                    env={"LTE_FAULT": "kill:rank=2:round=3:attempt=0"},
+                    torchrun=["--standalone", "--nproc_per_node=4", "--max-restarts=1"])
+    assert code == 0, out
+    assert "at step 20" in out
+    one = final(tmp_path / "one")
+    assert_same_weights(final(tmp_path / "two"), one)
+    assert_same_weights(final(tmp_path / "killed"), one)
+    s = summary(tmp_path / "two")
+    assert s["eval"] == summary(tmp_path / "one")["eval"] and s["base_check"] == "match"
+    assert [r["rank"] for r in s["comm"]["per_rank"]] == [0, 1, 2, 3] and s["comm"]["servers"] == 2
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == [
+        "checkpoint-000000040.dcp", "checkpoint-000000040.pt", "checkpoint-000000050.dcp", "checkpoint-000000050.pt"]
+
+
+def test_shards_hold_whole_tensors_balanced_by_bytes():
+    """Largest first to the least loaded shard, checked against a hand assignment."""
+    spec = MergeSpec(layers=("big", "mid", "small"), replicas=("norm.weight", "big.bias"), scale=1.0)
+    shapes = {"big.weight": (64, 64), "mid.weight": (32, 48), "small.weight": (16, 16), "norm.weight": (64,),
+              "big.bias": (64,)}
+    a, b = shard_specs(spec, shapes, 2)
+    # 4096 -> shard 0; 1536 -> 1; 256 -> 1; 64 (big.bias, by name) -> 1; 64 -> 1: loads 4096 and 1984
+    assert (a.layers, a.replicas) == (("big",), ())
+    assert (b.layers, b.replicas) == (("mid", "small"), ("norm.weight", "big.bias"))
+    assert shard_specs(spec, shapes, 1) == [spec]
+    with pytest.raises(ConfigError, match="more than the model's 5 master tensors"):
+        shard_specs(spec, shapes, 6)

@@ -209,9 +209,11 @@ def master_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_merged(model: nn.Module, layer_payloads: dict[str, dict[str, torch.Tensor]],
                 replicas: dict[str, torch.Tensor]) -> None:
     """Install merged weights received from elsewhere: each layer's base payload (in the model's
-    base format) and each replicated parameter's merged value."""
+    base format) and each replicated parameter's merged value (some of them: a sharded server's
+    shard sends its own)."""
     for path, layer in lte_layers(model):
-        layer.load_payload(layer_payloads[path])
+        if path in layer_payloads:
+            layer.load_payload(layer_payloads[path])
     sd = model.state_dict(keep_vars=True)
     for name, value in replicas.items():
         sd[name].copy_(value.reshape(sd[name].shape))

@@ -12,10 +12,10 @@ from .comm import Exchange, PeerError
 def run_distributed(cfg: Config) -> dict | None:
     """Run this process's part of a mode=ps, ddp or diloco run; the summary on rank 0."""
     world = dist_env.read_env(cfg)[1]
-    if cfg.mode == "ps" and world >= 2:  # fewer: init refuses it
+    if cfg.mode == "ps" and world > cfg.dist.servers:  # fewer: init refuses it
         # Refused in every process alike before any joins the group: a process that leaves while
         # its peers are still connecting makes them fail with Gloo's traceback, not this message.
-        cfg = resolve_heads(cfg, world - 1)
+        cfg = resolve_heads(cfg, world - cfg.dist.servers)
     env = dist_env.init(cfg)
     device = env.device if env.backend == "nccl" else torch.device("cpu")
     exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s)
@@ -41,7 +41,7 @@ def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
         from .diloco import run_diloco
 
         return run_diloco(cfg, env, exchange)
-    if env.rank == 0:
+    if env.rank < env.servers:
         from .server import ParameterServer
 
         return ParameterServer(cfg, env, exchange).run()

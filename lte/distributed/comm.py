@@ -14,6 +14,7 @@ their own group.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -73,19 +74,47 @@ class Layout:
         return views
 
 
-class Exchange:
-    """Collectives over one process group, with per-rank byte counters."""
+@dataclass
+class Counts:
+    """A process's bytes, training and checkpoint traffic apart; shared by its Exchanges."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
+    sent: int = 0
+    received: int = 0
+    ckpt_sent: int = 0
+    ckpt_received: int = 0
+
+
+def _counted(name: str) -> property:
+    return property(lambda self: getattr(self.counts, name), lambda self, v: setattr(self.counts, name, v))
+
+
+class Exchange:
+    """Collectives between one server rank (`server`, rank 0 by default) and its workers (`peers`,
+    every other rank by default) over `group` (the default group if None), with byte counters.
+    With a sharded server (dist.servers = K) a process has one Exchange per server shard, made
+    with `toward`; they share one set of counters."""
+
+    sent, received = _counted("sent"), _counted("received")                       # training traffic
+    ckpt_sent, ckpt_received = _counted("ckpt_sent"), _counted("ckpt_received")   # checkpoint traffic
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float, *, server: int = 0,
+                 peers: list[int] | None = None, group: "dist.ProcessGroup | None" = None,
+                 counts: Counts | None = None):
         self.rank, self.world, self.device = rank, world, device
+        self.server, self.group = server, group
+        self.peers = [r for r in range(world) if r != server] if peers is None else list(peers)
         self.timeout = timedelta(seconds=timeout_s)
-        self.sent = self.received = 0              # training traffic
-        self.ckpt_sent = self.ckpt_received = 0    # checkpoint traffic
+        self.counts = Counts() if counts is None else counts
         self._dummy: dict[int, torch.Tensor] = {}
+
+    def toward(self, server: int, peers: list[int], group: "dist.ProcessGroup | None") -> Exchange:
+        """The exchange between `server` and `peers` over `group`, counting into this one's counters."""
+        return Exchange(self.rank, self.world, self.device, self.timeout.total_seconds(), server=server, peers=peers,
+                        group=group, counts=self.counts)
 
     @property
     def workers(self) -> int:
-        return self.world - 1
+        return len(self.peers)
 
     def _sizes(self, nbytes: int | list[int]) -> list[int]:
         return list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * self.workers
@@ -96,21 +125,22 @@ class Exchange:
         size of every worker's message, or a list of them by worker (the same list on every rank)."""
         sizes = self._sizes(nbytes)
         uniform = len(set(sizes)) == 1
-        if self.rank == 0:
-            if uniform:
-                out = [torch.empty(sizes[0], dtype=torch.uint8, device=self.device) for _ in range(self.world)]
-                self._run(lambda: dist.gather(self._placeholder(sizes[0]), out, dst=0), what)
+        if self.rank == self.server:
+            if uniform:  # the group's ranks in order: the server first (its ranks are below the workers')
+                out = [torch.empty(sizes[0], dtype=torch.uint8, device=self.device) for _ in range(self.workers + 1)]
+                self._run(lambda: dist.gather(self._placeholder(sizes[0]), out, dst=self.server, group=self.group),
+                          what)
                 out = out[1:]
             else:
                 out = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
-                self._run(lambda: self._wait([dist.irecv(b, src=w + 1) for w, b in enumerate(out)]), what)
+                self._run(lambda: self._wait([dist.irecv(b, src=r) for r, b in zip(self.peers, out)]), what)
             self._count(0, sum(sizes), checkpoint)
             return out
         buf = buf.to(self.device)
         if uniform:
-            self._run(lambda: dist.gather(buf, None, dst=0), what)
+            self._run(lambda: dist.gather(buf, None, dst=self.server, group=self.group), what)
         else:
-            self._run(lambda: dist.send(buf, dst=0), what)
+            self._run(lambda: dist.send(buf, dst=self.server), what)
         self._count(buf.numel(), 0, checkpoint)
         return None
 
@@ -118,8 +148,9 @@ class Exchange:
         """The server's `buf` to every worker, or to the workers of `group` (a group of the server and
         some workers); receivers pass a buffer of the same size to fill."""
         buf = buf.to(self.device)
-        self._run(lambda: dist.broadcast(buf, src=0, group=group), what)
-        if self.rank == 0:
+        group = self.group if group is None else group
+        self._run(lambda: dist.broadcast(buf, src=self.server, group=group), what)
+        if self.rank == self.server:
             self.sent += buf.numel() * (self.workers if group is None else dist.get_world_size(group) - 1)
         else:
             self.received += buf.numel()
@@ -130,28 +161,28 @@ class Exchange:
         """The server sends bufs[w] to worker w+1 (nbytes as for gather)."""
         sizes = self._sizes(nbytes)
         uniform = len(set(sizes)) == 1
-        if self.rank == 0:
+        if self.rank == self.server:
             if uniform:
                 out = torch.empty(sizes[0], dtype=torch.uint8, device=self.device)
                 self._run(lambda: dist.scatter(out, [self._placeholder(sizes[0])] + [b.to(self.device) for b in bufs],
-                                               src=0), what)
+                                               src=self.server, group=self.group), what)
             else:
-                self._run(lambda: self._wait([dist.isend(b.to(self.device), dst=w + 1) for w, b in enumerate(bufs)]),
+                self._run(lambda: self._wait([dist.isend(b.to(self.device), dst=r) for r, b in zip(self.peers, bufs)]),
                           what)
             self._count(sum(sizes), 0, checkpoint)
             return None
-        out = torch.empty(sizes[self.rank - 1], dtype=torch.uint8, device=self.device)
+        out = torch.empty(sizes[self.peers.index(self.rank)], dtype=torch.uint8, device=self.device)
         if uniform:
-            self._run(lambda: dist.scatter(out, None, src=0), what)
+            self._run(lambda: dist.scatter(out, None, src=self.server, group=self.group), what)
         else:
-            self._run(lambda: dist.recv(out, src=0), what)
+            self._run(lambda: dist.recv(out, src=self.server), what)
         self._count(0, out.numel(), checkpoint)
         return out
 
     def groups(self, members: list[list[int]]) -> list["dist.ProcessGroup"]:
         """A process group of the server and each list of worker ranks; every rank must call this
         with the same lists, in the same order (torch.distributed.new_group's rule)."""
-        return [dist.new_group(ranks=[0, *m], timeout=self.timeout) for m in members]
+        return [dist.new_group(ranks=[self.server, *m], timeout=self.timeout) for m in members]
 
     def _wait(self, works) -> None:
         for work in works:
@@ -169,7 +200,7 @@ class Exchange:
         return buf.copy_(work.div_(self.world))
 
     def barrier(self, what: str) -> None:
-        self._run(lambda: dist.barrier(), what)
+        self._run(lambda: dist.barrier(group=self.group), what)
 
     def snapshot(self) -> torch.Tensor:
         """This rank's four counters, for a checkpoint."""
@@ -207,7 +238,7 @@ class Exchange:
         try:
             fn()
         except (RuntimeError, dist.DistError) as exc:
-            role = "parameter server" if self.rank == 0 else f"worker rank {self.rank}"
+            role = "parameter server" if self.rank == self.server else f"worker rank {self.rank}"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PeerError(f"{role}: {what} failed after waiting up to dist.timeout_s="
                             f"{self.timeout.total_seconds():g}s; a peer died, hung or is unreachable "

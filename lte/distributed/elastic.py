@@ -58,6 +58,8 @@ def slots_of(cfg: Config) -> Config:
                         "lte.heads / worker.heads")
     if n % k:
         raise UserError(f"lte.heads={n} is not a multiple of worker.heads={k}")
+    if cfg.dist.servers != 1:
+        raise UserError("an elastic run has one server process: dist.servers must be 1")
     return resolve_heads(cfg, n // k)
 
 
@@ -375,7 +377,7 @@ class ElasticWorker(Worker):
         super().__init__(cfg, DistEnv(slot + 1, slots + 1, 0, 1, device, "gloo"), link)
         if self.error is not None:
             raise self.error
-        self.group = None  # the link is the whole exchange
+        self.links = [(link, None)]  # the link is the whole exchange
 
     def run(self) -> None:
         first = True

@@ -29,6 +29,12 @@ class DistEnv:
     local_world: int
     device: torch.device     # where this process computes (the server: where the master lives)
     backend: str             # of the default group, used for every exchange
+    servers: int = 1         # mode=ps: ranks 0..servers-1 are the server's shards, the rest workers
+
+    @property
+    def worker(self) -> int:
+        """This worker's number, 1.. (its rank with one server): worker.per_rank's keys, faults, logs."""
+        return self.rank - self.servers + 1
 
 
 def read_env(cfg: Config) -> tuple[int, int, int, int]:
@@ -44,19 +50,20 @@ def read_env(cfg: Config) -> tuple[int, int, int, int]:
 def place(cfg: Config, rank: int, world: int, local_rank: int, local_world: int) -> tuple[torch.device, str]:
     """This process's device and the group backend."""
     ps = cfg.mode == "ps"
-    if ps and world < 2:
-        raise ConfigError("mode=ps needs at least 2 processes (a parameter server and a worker); "
-                          "launch with --nproc_per_node=3 for a server and two workers")
+    servers = cfg.dist.servers if ps else 1
+    if ps and world < servers + 1:
+        raise ConfigError(f"mode=ps needs at least {servers + 1} processes ({servers} server rank(s) and a worker); "
+                          f"launch with --nproc_per_node={servers + 2} for {servers} server rank(s) and two workers")
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available")
-    server = ps and rank == 0
+    server = ps and rank < servers
     if not want_cuda or (server and cfg.dist.ps_device == "cpu"):
         device = torch.device("cpu")
     else:
         gpus = torch.cuda.device_count()
         on_server_node = rank - local_rank == 0
-        index = local_rank - 1 if ps and cfg.dist.ps_device == "cpu" and on_server_node else local_rank
+        index = local_rank - servers if ps and cfg.dist.ps_device == "cpu" and on_server_node else local_rank
         device = torch.device("cuda", index % gpus)
         if index >= gpus and _backend(cfg, want_cuda) == "nccl":
             raise ConfigError(f"{local_world} processes on this node need more than its {gpus} GPU(s) and NCCL "
@@ -92,7 +99,7 @@ def init(cfg: Config) -> DistEnv:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group(backend, store=_store(rank, world, restart, timeout), rank=rank, world_size=world,
                             timeout=timeout, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank, world, local_rank, local_world, device, backend)
+    return DistEnv(rank, world, local_rank, local_world, device, backend, cfg.dist.servers if cfg.mode == "ps" else 1)
 
 
 def _store(rank: int, world: int, restart: int, timeout: timedelta) -> dist.Store:

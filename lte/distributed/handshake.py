@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import Layout
+from ..errors import UserError
+from .comm import Exchange, Layout
 
 HELLO = Layout([("status", (2,), torch.int64)])    # worker -> server: (failed, upload size)
 CONTROL = Layout([("control", (5,), torch.int64)])  # server -> all: (abort, resume, finished, step, merges)
@@ -30,3 +31,16 @@ class Control:
     def unpack(buf: torch.Tensor) -> "Control":
         a, r, f, s, m = (int(v) for v in CONTROL.unpack(buf)["control"])
         return Control(bool(a), bool(r), bool(f), s, m)
+
+
+def hello(exchange: Exchange, error: UserError | None, size: int, who: str) -> Control:
+    """A rank's side of the handshake (a worker, or a server shard other than rank 0): whether it
+    could set up and the size of its upload, then how the server says the run starts."""
+    status = torch.tensor([int(error is not None), 0 if error is not None else size])
+    exchange.gather(HELLO.pack({"status": status}), HELLO.nbytes, "the start-up handshake")
+    control = Control.unpack(exchange.broadcast(Control().pack(), "the start-up handshake"))
+    if error is not None:
+        raise error
+    if control.abort:
+        raise UserError(f"{who}: the parameter server stopped the run (see its error)")
+    return control

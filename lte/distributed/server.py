@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .. import core
+from ..core.merge import key
 from ..data import build_data
 from ..errors import UserError
 from ..train.clock import RoundClock
@@ -30,8 +32,9 @@ from ..train.log import RunLog, peak_memory, say
 from ..train.rundir import RunDir, Start, load_model_state
 from .comm import Exchange, bytes_per_step
 from .env import DistEnv
-from .handshake import DIGEST, HELLO, Control
+from .handshake import DIGEST, HELLO, Control, hello
 from .protocol import STATS, format_groups, worker_protocols
+from .shards import agree, gather_master, load_shard, make_links, save_shard, shard_specs
 
 PHASES = ("compute_s", "upload_s", "merge_s", "download_s")
 
@@ -76,29 +79,37 @@ class Uploads:
 
 
 class ParameterServer:
+    """Rank `shard` of a server of dist.servers ranks (lte.distributed.shards); with one, the whole
+    master. `exchange` is the default group's; a round runs over this shard's `link`."""
+
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
         self.cfg, self.env, self.exchange = cfg, env, exchange
+        self.shard, self.servers = env.rank, env.servers
         self.clock = RoundClock.of(cfg)
-        self.workers = env.world - 1
+        self.workers = env.world - env.servers
         self.error: UserError | None = None
         self.rundir = RunDir(cfg)
         self.start = Start()
         try:
-            self.start = self.rundir.open(say=say)
-            if self.start.finished is not None:
-                return  # nothing to build: the run in out_dir is done
+            if self.shard == 0:  # the run directory's keeper
+                self.start = self.rundir.open(say=say)
+                if self.start.finished is not None:
+                    return  # nothing to build: the run in out_dir is done
             self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.model = build_model(cfg, self.data, env.device)  # same seed: same init as the workers
-            self.eval_set = eval_batches(cfg, self.data, env.device)
+            self.eval_set = eval_batches(cfg, self.data, env.device) if self.shard == 0 else None
             spec, _ = core.plan(self.model, cfg.lte_config())  # what a merge touches (no memory options)
             sd = self.model.state_dict(keep_vars=True)
-            self.master = {k: sd[k] for k in spec.master_keys()}  # views: merging updates the model
-            self.protos = worker_protocols(cfg, spec, {k: tuple(v.shape) for k, v in self.master.items()},
-                                           self.workers)
+            shapes = {k: tuple(sd[k].shape) for k in spec.master_keys()}
+            self.specs = shard_specs(spec, shapes, self.servers)
+            self.master = {k: sd[k] for k in self.specs[self.shard].master_keys()}  # views: merging updates the model
+            self.all_protos = [worker_protocols(cfg, s, shapes, self.workers) for s in self.specs]
+            self.protos = self.all_protos[self.shard]
             formats, members = format_groups(self.protos)
+            self.format_members = members  # worker numbers (1..) storing each base format
             self.members = [[r - 1 for r in m] for m in members]  # worker indices storing each format
             self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
-            if self.start.state is not None:
+            if self.start.state is not None and self.servers == 1:
                 load_model_state(self.model, self.start.state["master"], self.start.path)
                 self.outer.load_state_dict(self.start.state.get("outer"), env.device)
         except UserError as exc:
@@ -106,15 +117,30 @@ class ParameterServer:
 
     # start-up ----------------------------------------------------------------------------
     def handshake(self) -> Control:
+        """Rank 0 hears from every other rank (the other shards, the workers) and says how the run
+        starts; then every rank makes the groups of the rounds."""
+        if self.shard > 0:
+            control = hello(self.exchange, self.error, 0, f"server rank {self.shard}")
+        else:
+            control = self.decide_start()
+        if not control.finished:  # every rank makes the same groups at the same point
+            self.links = make_links(self.exchange, self.servers, self.workers, self.format_members)
+            self.link = self.links.exchanges[self.shard]
+            self.groups = self.links.format_groups[self.shard]
+        return control
+
+    def decide_start(self) -> Control:
         statuses = self.exchange.gather(None, HELLO.nbytes, "the start-up handshake")
         problems = []
-        for w, buf in enumerate(statuses):
+        for rank, buf in zip(self.exchange.peers, statuses):
             failed, size = (int(v) for v in HELLO.unpack(buf)["status"])
+            w = rank - self.servers
             if failed:
-                problems.append(f"worker rank {w + 1} could not start (see its error)")
-            elif self.error is None and self.start.finished is None and size != self.protos[w].upload.nbytes:
+                problems.append(f"{'server rank' if w < 0 else 'worker rank'} {rank if w < 0 else w + 1} could "
+                                "not start (see its error)")
+            elif w >= 0 and self.error is None and self.start.finished is None and size != self.upload_nbytes(w):
                 problems.append(f"worker rank {w + 1} holds a different model (upload of {size} bytes, "
-                                f"expected {self.protos[w].upload.nbytes}): every process must use the same config")
+                                f"expected {self.upload_nbytes(w)}): every process must use the same config")
         state = self.start.state or {}
         control = Control(abort=bool(self.error or problems), resume=bool(state),
                           finished=self.start.finished is not None, step=state.get("step", 0),
@@ -124,10 +150,14 @@ class ParameterServer:
             raise self.error
         if problems:
             raise UserError("; ".join(problems))
-        if not control.finished:  # every worker makes the same groups at the same point
-            self.groups = [None] if len(self.members) == 1 else self.exchange.groups(
-                [[w + 1 for w in m] for m in self.members])
         return control
+
+    def upload_nbytes(self, w: int) -> int:
+        """Worker w's upload of a round, to all the shards together."""
+        return sum(protos[w].upload.nbytes for protos in self.all_protos)
+
+    def download_nbytes(self, w: int) -> int:
+        return sum(protos[w].download.nbytes for protos in self.all_protos)
 
     def encode(self, accepted: torch.Tensor) -> list[torch.Tensor]:
         """The download, encoded once per base format the workers store."""
@@ -136,14 +166,15 @@ class ParameterServer:
     def send(self, downloads: list[torch.Tensor], what: str) -> None:
         """Each format's download to the workers that store it."""
         for buf, group in zip(downloads, self.groups):
-            self.exchange.broadcast(buf, what, group=group)
+            self.link.broadcast(buf, what, group=group)
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
         try:
             control = self.handshake()  # raises if this server or a worker could not set up
             if control.finished:  # the run directory has said so
                 return self.start.finished
-            return self.train(control)
+            summary = self.train(control)
+            return summary if self.shard == 0 else None
         finally:
             self.rundir.unlock()
 
@@ -158,23 +189,59 @@ class ParameterServer:
         """Restore a resumed run (the workers' state back to them), send the first base, say what runs."""
         state = self.start.state or {}
         if control.resume:
-            self.exchange.scatter([p.state.pack(w) for p, w in zip(self.protos, state["workers"])],
-                                  [p.state.nbytes for p in self.protos], "the checkpoint restore", checkpoint=True)
-            torch.set_rng_state(state["rng"])
-            self.exchange.add(state["comm"])
+            workers = self.restore(control.step, state)
+            self.link.scatter(workers, [p.state.nbytes for p in self.protos], "the checkpoint restore", checkpoint=True)
         self.last_download = self.encode(torch.ones(self.workers, dtype=torch.int64))
         self.send(self.last_download, "the initial base download")
-        self.log = RunLog.for_run(self.cfg, self.rundir.path, start=control.step)
-        if control.resume:
+        self.log = RunLog.for_run(self.cfg, self.rundir.path, start=control.step) if self.shard == 0 else None
+        if control.resume and self.log:
             self.log.say(f"resumed from {self.start.path} at step {control.step}")
-        self.log.say(self.describe())
+        if self.log:
+            self.log.say(self.describe())
         return Progress.resumed(control, state)
+
+    def restore(self, step: int, state: dict) -> list[torch.Tensor]:
+        """This shard's part of the checkpoint of `step`: the master, the outer momenta and byte
+        counters here, and each worker's state (packed) to send back."""
+        if self.servers == 1:
+            torch.set_rng_state(state["rng"])
+            self.exchange.add(state["comm"])
+            return [p.state.pack(w) for p, w in zip(self.protos, state["workers"])]
+        saved = load_shard(self.rundir.shard_path(step), self.shard_tensors(), self.shard, self.links)
+        with torch.no_grad():
+            for name, t in self.master.items():
+                t.copy_(saved[f"master.{name}"])
+        if self.outer.active:
+            self.outer.momenta = {n: saved[f"outer.{n}"].to(self.env.device) for n in self.outer_shapes()}
+        self.exchange.add(saved["comm"])
+        if self.shard == 0:
+            torch.set_rng_state(state["rng"])
+        return [saved[f"worker{w}"] for w in range(self.workers)]
+
+    def outer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each outer momentum of this shard (a layer's out x in matrix)."""
+        spec = self.specs[self.shard]
+        shapes = {key(x, "weight"): spec.matrix_shape(x, tuple(self.master[key(x, "weight")].shape))
+                  for x in spec.layers}
+        return {**shapes, **{n: tuple(self.master[n].shape) for n in spec.replicas}}
+
+    def shard_tensors(self, states: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What this shard writes into a sharded checkpoint (shaped like the real thing when only a
+        template is wanted: states None)."""
+        out = {f"master.{n}": t.detach() for n, t in self.master.items()}
+        if self.outer.active:
+            out.update({f"outer.{n}": self.outer.momenta.get(n, torch.zeros(shape))
+                        for n, shape in self.outer_shapes().items()})
+        out["comm"] = self.exchange.snapshot()
+        for w, p in enumerate(self.protos):
+            out[f"worker{w}"] = states[w] if states is not None else p.state.empty()
+        return out
 
     def round(self, progress: Progress) -> None:
         """One round: collect the uploads, merge, encode and send, then log, evaluate, checkpoint."""
         steps = self.clock.round_steps(progress.step)
         if self.cfg.dist.sync_phases:  # wait out the workers' compute so upload_s is the transfer alone
-            self.exchange.barrier("the pre-upload barrier")
+            self.link.barrier("the pre-upload barrier")
         uploads = self.collect_uploads(progress.merges + 1)
         t1 = time.perf_counter()
         self.merge(uploads, progress)
@@ -184,17 +251,20 @@ class ParameterServer:
         t3 = time.perf_counter()
         progress.step, progress.merges = progress.step + steps, progress.merges + 1
         times = {"upload_s": uploads.seconds, "merge_s": t2 - t1, "download_s": t3 - t2}
-        self.log_round(progress, uploads, times, steps, t3)
+        if self.clock.evaluates(progress.step):
+            gather_master(self.model.state_dict(keep_vars=True), self.specs, self.shard, self.links)
+        if self.shard == 0:
+            self.log_round(progress, uploads, times, steps, t3)
         if self.clock.checkpoints(progress.step):  # the last step's comes with the summary
             self.checkpoint(progress, *self.collect_state(f"the checkpoint upload of round {progress.merges}"))
         progress.round_end = time.perf_counter()
 
     def collect_uploads(self, round_no: int) -> Uploads:
         t0 = time.perf_counter()
-        bufs = self.exchange.gather(None, [p.upload.nbytes for p in self.protos], f"the upload of round {round_no}")
+        bufs = self.link.gather(None, [p.upload.nbytes for p in self.protos], f"the upload of round {round_no}")
         seconds = time.perf_counter() - t0
         views = [p.upload.unpack(buf) for p, buf in zip(self.protos, bufs)]
-        accepted = torch.tensor([int(p.finite(v)) for p, v in zip(self.protos, views)])
+        accepted = agree(torch.tensor([int(p.finite(v)) for p, v in zip(self.protos, views)]), self.links)
         return Uploads(views, accepted, seconds)
 
     def merge(self, uploads: Uploads, progress: Progress) -> None:
@@ -208,8 +278,9 @@ class ParameterServer:
         bad = [w + 1 for w, (v, ok) in enumerate(zip(uploads.views, uploads.accepted)) if v is not None and not ok]
         if bad:
             progress.rejected += k * len(bad)
-            self.log.say(f"round {progress.merges + 1}: rejected the non-finite update of worker rank(s) {bad}; "
-                         "their heads restart")
+            if self.log:
+                self.log.say(f"round {progress.merges + 1}: rejected the non-finite update of worker rank(s) "
+                             f"{bad}; their heads restart")
 
     def log_round(self, progress: Progress, uploads: Uploads, times: dict, steps: int, now: float) -> None:
         """The round's row (loss and compute time as the accepted workers report them), with the
@@ -242,9 +313,17 @@ class ParameterServer:
     def collect_state(self, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The workers' state for a checkpoint, and the byte counters just before it was sent."""
         snapshot = self.exchange.snapshot()  # taken before the state upload, as the workers take theirs
-        return snapshot, self.exchange.gather(None, [p.state.nbytes for p in self.protos], what, checkpoint=True)
+        return snapshot, self.link.gather(None, [p.state.nbytes for p in self.protos], what, checkpoint=True)
 
     def checkpoint(self, progress: Progress, snapshot: torch.Tensor, states: list[torch.Tensor], **extra) -> None:
+        if self.servers > 1:  # every shard its tensors, then rank 0 the loop's state, which commits them
+            save_shard(self.rundir.shard_path(progress.step), {**self.shard_tensors(states), "comm": snapshot},
+                       self.shard, self.links)
+            dist.barrier(group=self.links.servers)
+            if self.shard == 0:
+                state = {k: v for k, v in self.run_state(progress).items() if k not in ("master", "outer")}
+                self.rundir.save_checkpoint({**state, "servers": self.servers, **extra}, progress.step)
+            return
         workers = [{n: t.clone() for n, t in p.state.unpack(b).items()} for p, b in zip(self.protos, states)]
         self.rundir.save_checkpoint({**self.run_state(progress), "comm": snapshot, "workers": workers, **extra},
                                     progress.step)
@@ -262,15 +341,21 @@ class ParameterServer:
             p = self.protos[members[0]]
             expected.update({w: p.base_digest(p.download.unpack(buf)) for w in members})
         digests = [int(DIGEST.unpack(b)["digest"][0])
-                   for b in self.exchange.gather(None, DIGEST.nbytes, "the final base check")]
-        return [w + 1 for w, d in enumerate(digests) if d != expected[w]]
+                   for b in self.link.gather(None, DIGEST.nbytes, "the final base check")]
+        match = agree(torch.tensor([int(d == expected[w]) for w, d in enumerate(digests)]), self.links)
+        return [w + 1 for w, ok in enumerate(match) if not ok]
 
-    def finish(self, progress: Progress) -> dict:
+    def finish(self, progress: Progress) -> dict | None:
         mismatched = self.check_bases()
         final_state = self.collect_state("the final checkpoint upload")
+        gather_master(self.model.state_dict(keep_vars=True), self.specs, self.shard, self.links)
+        per_rank = self.exchange.counters()
+        if self.shard > 0:
+            self.checkpoint(progress, *final_state)
+            return None
         if mismatched:
             self.log.say(f"error: worker rank(s) {mismatched} ended with a base that differs from the server's")
-        summary = self.summarize(progress, self.exchange.counters(), mismatched)
+        summary = self.summarize(progress, per_rank, mismatched)
         self.rundir.write_results(summary, self.model.state_dict(), self.model, self.data)
         self.checkpoint(progress, *final_state, finished=True, summary=summary)
         self.log.finish(summary)
@@ -279,7 +364,8 @@ class ParameterServer:
         return summary
 
     def summarize(self, progress: Progress, per_rank: list[dict], mismatched: list[int]) -> dict:
-        cfg, protos, step = self.cfg, self.protos, progress.step
+        cfg, step, workers = self.cfg, progress.step, range(self.workers)
+        up, down = [self.upload_nbytes(w) for w in workers], [self.download_nbytes(w) for w in workers]
         batch, wall = cfg.train.batch_size, progress.wall_s()
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         return {
@@ -291,28 +377,28 @@ class ParameterServer:
             "worker_options": [self.worker_summary(w) for w in range(self.workers)],
             "rejected_heads": progress.rejected, "base_check": "mismatch" if mismatched else "match",
             "round_time": {n: progress.totals[n] / max(progress.totals["rounds_timed"], 1) for n in PHASES},
-            "comm": {"per_rank": per_rank,
-                     "bytes_per_step_per_worker": bytes_per_step([r for r in per_rank if r["rank"] != 0], step),
+            "comm": {"per_rank": per_rank, "servers": self.servers,
+                     "bytes_per_step_per_worker": bytes_per_step([r for r in per_rank if r["rank"] >= self.servers],
+                                                                 step),
                      # per worker, averaged over the workers (they differ when worker.per_rank mixes options)
-                     "upload_bytes_per_round": mean([p.upload.nbytes for p in protos]),
-                     "download_bytes_per_round": mean([p.download.nbytes for p in protos]),
+                     "upload_bytes_per_round": mean(up), "download_bytes_per_round": mean(down),
                      # per step once started: without the start-up handshake and first base download
-                     "steady_bytes_per_step_per_worker":
-                         mean([p.upload.nbytes + p.download.nbytes for p in protos]) / cfg.lte.merge_every},
+                     "steady_bytes_per_step_per_worker": mean([u + d for u, d in zip(up, down)]) / cfg.lte.merge_every},
         }
 
     def worker_summary(self, w: int) -> dict:
-        o, p = self.cfg.worker_options(w + 1), self.protos[w]
+        o = self.cfg.worker_options(w + 1)
         return {"rank": w + 1, "base_dtype": o.base_dtype, "activations": o.activation_option().describe(),
-                "chunks": o.chunks, "upload_bytes_per_round": p.upload.nbytes,
-                "download_bytes_per_round": p.download.nbytes}
+                "chunks": o.chunks, "upload_bytes_per_round": self.upload_nbytes(w),
+                "download_bytes_per_round": self.download_nbytes(w)}
 
     def describe(self) -> str:
         cfg = self.cfg
-        workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {p.upload.nbytes:,} B "
-                   f"and download {p.download.nbytes:,} B per round" for w, p in enumerate(self.protos)]
+        workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {self.upload_nbytes(w):,} B "
+                   f"and download {self.download_nbytes(w):,} B per round" for w in range(self.workers)]
         outer = "".join(f", {d}" for d in (self.outer.describe(), self.protos[0].codec.describe()) if d)
-        return (f"parameter server on {self.env.device} ({self.env.backend}), {self.workers} workers x "
+        shards = f" in {self.servers} shards" if self.servers > 1 else ""
+        return (f"parameter server{shards} on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
                 f"{cfg.lte.merge_every} steps{outer}; {cfg.model.name} on {cfg.data.name}, "
                 f"batch {cfg.train.batch_size}, {cfg.train.steps} steps; " + "; ".join(workers))

@@ -22,8 +22,9 @@ from ..train.config import Config
 from ..train.engine import Engine
 from .comm import Exchange
 from .env import DistEnv
-from .handshake import DIGEST, HELLO, Control
+from .handshake import DIGEST, Control, hello
 from .protocol import format_groups, worker_protocols
+from .shards import make_links, shard_specs
 
 
 def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -38,14 +39,14 @@ def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 class Worker:
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
         self.cfg, self.env, self.exchange = cfg, env, exchange
-        self.index = env.rank - 1                         # worker index
-        self.options = cfg.worker_options(env.rank)
+        self.index = env.worker - 1                       # worker index (rank - dist.servers)
+        self.options = cfg.worker_options(env.worker)
         k, n = cfg.worker.heads, cfg.lte.heads
         self.heads = range(self.index * k, (self.index + 1) * k)  # global head indices
         self.error: UserError | None = None
         self.clock = RoundClock.of(cfg)
         try:
-            heads_cfg = cfg.lte_config(env.rank)
+            heads_cfg = cfg.lte_config(env.worker)
             check_runs_on(heads_cfg.base_format(), env.device)
             data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
             self.engine = Engine(cfg, data, env.device, heads=self.heads, streams=self.heads,
@@ -56,8 +57,12 @@ class Worker:
             return
         model = self.engine.model
         # every worker's messages: sizes differ when worker.per_rank mixes options
-        self.protos = worker_protocols(cfg, core.state_of(model).spec, master_shapes(model), env.world - 1)
+        spec, shapes, workers = core.state_of(model).spec, master_shapes(model), env.world - env.servers
+        self.protos = worker_protocols(cfg, spec, shapes, workers)
         self.proto = self.protos[self.index]
+        # the same, per server shard: what goes to and comes from each (with one server, the above)
+        self.shard_protos = [worker_protocols(cfg, s, shapes, workers) if env.servers > 1 else self.protos
+                             for s in shard_specs(spec, shapes, env.servers)]
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
@@ -66,27 +71,30 @@ class Worker:
 
     # messages ----------------------------------------------------------------------------
     def hello(self) -> Control:
-        signature = 0 if self.error else self.proto.upload.nbytes
-        self.exchange.gather(HELLO.pack({"status": torch.tensor([int(self.error is not None), signature])}),
-                             HELLO.nbytes, "the start-up handshake")
-        control = Control.unpack(self.exchange.broadcast(Control().pack(), "the start-up handshake"))
-        if self.error is not None:
-            raise self.error
-        if control.abort:
-            raise UserError(f"worker rank {self.env.rank}: the parameter server stopped the run (see its error)")
+        size = sum(protos[self.index].upload.nbytes for protos in self.shard_protos) if self.error is None else 0
+        control = hello(self.exchange, self.error, size, f"worker rank {self.env.worker}")
         if not control.finished:  # the server makes the same groups at the same point
             formats, members = format_groups(self.protos)
-            self.group = None if len(formats) == 1 else \
-                self.exchange.groups(members)[formats.index(self.proto.fmt.name)]
+            links = make_links(self.exchange, self.env.servers, len(self.protos), members)
+            mine = formats.index(self.proto.fmt.name)
+            self.links = [(ex, groups[mine]) for ex, groups in zip(links.exchanges, links.format_groups)]
         return control
 
+    def shards(self):
+        """Per server shard: its exchange, the group of this worker's base format, and its messages."""
+        return [(ex, group, protos) for (ex, group), protos in zip(self.links, self.shard_protos)]
+
     def receive_base(self, what: str) -> bool:
-        """Install the server's base and merged replicas; whether this worker's last upload was accepted."""
-        proto = self.proto
-        views = proto.download.unpack(self.exchange.broadcast(proto.download.empty(), what, group=self.group))
-        core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
-                         {name: views[name] for name in proto.spec.replicas})
-        return bool(views["accepted"][self.index])
+        """Install the server's base and merged replicas (each shard's part); whether this worker's
+        last upload was accepted (the shards agree on it)."""
+        accepted = []
+        for ex, group, protos in self.shards():
+            proto = protos[self.index]
+            views = proto.download.unpack(ex.broadcast(proto.download.empty(), what, group=group))
+            core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
+                             {name: views[name] for name in proto.spec.replicas})
+            accepted.append(bool(views["accepted"][self.index]))
+        return accepted[0]
 
     def upload_state(self) -> None:
         opt, heads = self.engine.optimizer, self.head_tensors()
@@ -103,12 +111,16 @@ class Worker:
             tensors.update({f"{k}.residual": residuals.get(k, torch.zeros_like(heads[k])) for k in self.proto.uploaded})
         tensors["rng"] = torch.get_rng_state()
         tensors["comm"] = self.exchange.snapshot()
-        self.exchange.gather(self.proto.state.pack(tensors), [p.state.nbytes for p in self.protos],
-                             "the checkpoint upload", checkpoint=True)
+        for ex, _, protos in self.shards():  # each shard keeps its layers' part
+            ex.gather(protos[self.index].state.pack(tensors), [p.state.nbytes for p in protos],
+                      "the checkpoint upload", checkpoint=True)
 
     @torch.no_grad()
-    def load_state(self, buf: torch.Tensor, step: int) -> None:
-        views = self.proto.state.unpack(buf)
+    def load_state(self, bufs: list[torch.Tensor], step: int) -> None:
+        """The state each shard kept (its layers' part; the RNG and counters are in every part)."""
+        views = {}
+        for (_, _, protos), buf in zip(self.shards(), bufs):
+            views.update(protos[self.index].state.unpack(buf))
         heads = self.head_tensors()
         for k, t in {**heads, **core.option_state(self.engine.model)}.items():
             t.copy_(views[k])
@@ -146,8 +158,8 @@ class Worker:
         """The state of a resumed run, then the server's base (and replicas to start from)."""
         engine = self.engine
         if control.resume:
-            self.load_state(self.exchange.scatter(None, [p.state.nbytes for p in self.protos],
-                                                  "the checkpoint restore", checkpoint=True), control.step)
+            self.load_state([ex.scatter(None, [p.state.nbytes for p in protos], "the checkpoint restore",
+                                        checkpoint=True) for ex, _, protos in self.shards()], control.step)
             core.set_merges_done(engine.model, control.merges)
         self.receive_base("the initial base download")
         if not control.resume:
@@ -163,15 +175,18 @@ class Worker:
 
     def upload(self, rounds: int, loss: float, compute_s: float) -> None:
         if self.cfg.dist.sync_phases:
-            self.exchange.barrier("the pre-upload barrier")
+            for ex, _, _ in self.shards():
+                ex.barrier("the pre-upload barrier")
         heads, engine = self.head_tensors(), self.engine
-        faults.before_upload(self.env.rank, rounds, {k: heads[k] for k in self.proto.uploaded})
+        faults.before_upload(self.env.worker, rounds, {k: heads[k] for k in self.proto.uploaded})
         chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
         stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
         replicas = {name: t for name, t in engine.model.state_dict().items() if name in self.proto.spec.replicas}
-        tensors = self.proto.encode_upload(heads, replicas, self.uploader)
-        self.exchange.gather(self.proto.upload.pack({**tensors, "stats": stats}),
-                             [p.upload.nbytes for p in self.protos], f"the upload of round {rounds}")
+        for ex, _, protos in self.shards():  # each shard its layers' factors
+            proto = protos[self.index]
+            tensors = proto.encode_upload(heads, replicas, self.uploader)
+            ex.gather(proto.upload.pack({**tensors, "stats": stats}), [p.upload.nbytes for p in protos],
+                      f"the upload of round {rounds}")
 
     def install(self, rounds: int) -> None:
         """The merged base, then the heads reset for the next round (restarted if rejected)."""
@@ -183,7 +198,8 @@ class Worker:
             self.uploader.residuals.clear()  # what a non-finite update left behind
 
     def finish(self) -> None:
-        digest = self.proto.base_digest(self.proto.worker_base(self.engine.model))
-        self.exchange.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+        for ex, _, protos in self.shards():  # each shard checks its part
+            digest = protos[self.index].base_digest(protos[self.index].worker_base(self.engine.model))
+            ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
         self.upload_state()  # for the final checkpoint, which a longer run continues from
         self.exchange.counters()

@@ -87,6 +87,7 @@ class DistCfg:                   # mode=ps, ddp and diloco
     timeout_s: float = 300.0     # a collective that waits longer ends the run with an error
     ps_device: str = "cpu"       # where the parameter server keeps the fp32 master: cpu | cuda
     sync_phases: bool = False    # barrier before each upload, so round timings separate compute from transfer
+    servers: int = 1             # mode=ps: ranks 0..servers-1 each hold a slice of the master (whole tensors)
     round_deadline_s: float = 0.0  # lte-train serve: merge what arrived this long after a round began; 0 = wait for all
     min_workers: int = 0         # lte-train serve: workers to wait for before the first round; 0 = every slot
 
@@ -320,6 +321,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.batches is None or cfg.eval.batches >= 1, "eval.batches", "must be >= 1 or null", cfg.eval.batches)
     _check(cfg.dist.round_deadline_s >= 0, "dist.round_deadline_s", "must be >= 0 (0: wait for every worker)",
            cfg.dist.round_deadline_s)
+    _check(cfg.dist.servers >= 1, "dist.servers", "must be >= 1", cfg.dist.servers)
+    _check(cfg.dist.servers == 1 or cfg.mode == "ps", "dist.servers",
+           "must be 1 outside mode=ps (it shards the server)", cfg.dist.servers)
     _check(cfg.dist.min_workers >= 0, "dist.min_workers", "must be >= 0 (0: every worker slot)", cfg.dist.min_workers)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0", cfg.checkpoint.every)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1", cfg.checkpoint.keep)

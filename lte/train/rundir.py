@@ -5,6 +5,7 @@ What a run keeps in out_dir:
   metrics.jsonl            one row per logged step
   checkpoint-<step>.pt     the newest `checkpoint.keep` checkpoints; the last one of a finished run is
                            marked finished and carries the run's summary
+  checkpoint-<step>.dcp/   a sharded parameter server's tensors of that checkpoint (dist.servers > 1)
   summary.json, final.pt   the result (over all attempts) and the trained model's plain state_dict
   final.safetensors        the same weights as safetensors (python -m lte.export writes it for older runs)
   hf/                      a transformers model's save_pretrained folder (from_pretrained loads it)
@@ -195,7 +196,8 @@ class RunDir:
             n += 1
             dest = self.path / time.strftime(f"replaced-%Y%m%d-%H%M%S-{n}")
         dest.mkdir()
-        for item in [self.path / name for name in RUN_FILES] + [p for _, p in self.checkpoints()]:
+        for item in ([self.path / name for name in RUN_FILES] + [p for _, p in self.checkpoints()]
+                     + list(self.path.glob("checkpoint-*.dcp"))):
             if item.exists():
                 os.replace(item, dest / item.name)
         _fsync_dir(self.path)
@@ -238,9 +240,15 @@ class RunDir:
         path = self.path / f"checkpoint-{step:09d}.pt"
         atomic_torch_save({**state, "step": step, "config": self.cfg.to_dict()}, path,
                           fault_step=step)
-        for _, old in self.checkpoints()[self.cfg.checkpoint.keep:]:
+        for old_step, old in self.checkpoints()[self.cfg.checkpoint.keep:]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(self.shard_path(old_step), ignore_errors=True)
         return path
+
+    def shard_path(self, step: int) -> Path:
+        """The folder of a sharded server's checkpoint of `step` (torch.distributed.checkpoint's
+        files), which checkpoint-<step>.pt commits."""
+        return self.path / f"checkpoint-{step:09d}.dcp"
 
     # results -------------------------------------------------------------------------------
     def trim_metrics(self, step: int) -> None:
