@@ -183,7 +183,8 @@ def test_bad_elastic_configs_are_refused_with_a_message(tmp_path):
 def test_a_restarted_server_resumes_from_its_checkpoint_and_the_workers_join_again(tmp_path, elastic):
     common = ["lte.heads=4", "worker.heads=2", "train.steps=60", "checkpoint.every=2", "dist.timeout_s=60"]
     first = elastic(*common)
-    workers = [first.join("w1", env={"LTE_FAULT": "sleep:rank=1:round=4:seconds=30"}), first.join("w2")]
+    workers = [first.join("w1", "--slot", "0", env={"LTE_FAULT": "sleep:rank=1:round=4:seconds=30"}),
+               first.join("w2", "--slot", "1")]
     first.wait_for("server", r"step 30/60")  # round 4 waits for the sleeper: the last checkpoint is step 20's
     os.killpg(first.server.pid, signal.SIGKILL)
     assert first.wait(workers[1]) == 2  # the link to the server broke: an error, not a hang
