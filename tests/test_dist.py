@@ -53,13 +53,17 @@ def ps_against_simulated(tmp_path, common, **launch):
 
 
 @pytest.mark.parametrize("model", [[], GPT, ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5",
-                                               "comm.upload=int4"]], ids=["vit", "gpt", "vit-outer-int4-uploads"])
+                                               "comm.upload=int4", "comm.download=delta"]],
+                         ids=["vit", "gpt", "vit-outer-int4-uploads-delta-downloads"])
 def test_ps_with_two_workers_equals_simulated_heads(tmp_path, model):
     """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds."""
     assert ps_against_simulated(tmp_path, model, torchrun=["--standalone", "--nproc_per_node=3"]) < 1e-5
-    assert summary(tmp_path / "ps")["eval"]["loss"] == pytest.approx(summary(tmp_path / "lte")["eval"]["loss"],
-                                                                    abs=1e-6)
-    assert summary(tmp_path / "ps")["merges"] == 3
+    s = summary(tmp_path / "ps")
+    assert s["eval"]["loss"] == pytest.approx(summary(tmp_path / "lte")["eval"]["loss"], abs=1e-6)
+    assert s["merges"] == 3 and s["base_check"] == "match"
+    if "comm.download=delta" in model:  # the 4 downloads (first base, 3 rounds) took fewer bytes than whole
+        received = [r["bytes_received"] for r in s["comm"]["per_rank"][1:]]
+        assert all(r < 4 * s["comm"]["download_bytes_per_round"] for r in received), received
 
 
 def expected_message_bytes(heads_per_worker, rank, workers, fmt):
@@ -286,11 +290,12 @@ def test_bad_launches_are_refused_with_a_message(tmp_path, launch, args, message
 
 def test_sharded_server_equals_one_server_and_resumes_exactly(tmp_path):
     """dist.servers=2 (ranks 0 and 1 each hold part of the master) == one server, bit for bit, with
-    an outer optimizer, int4 uploads and workers of two base formats; a worker killed in round 3
-    and restarted by the launcher resumes from the shards' checkpoint to the same weights."""
+    an outer optimizer, int4 uploads, delta downloads and workers of two base formats; a worker
+    killed in round 3 and restarted by the launcher resumes from the shards' checkpoint to the same
+    weights."""
     common = ["mode=ps", "lte.heads=4", "worker.heads=2", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1",
               "lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5", "comm.upload=int4",
-              "worker.per_rank={2: {base_dtype: bf16}}"]
+              "comm.download=delta", "worker.per_rank={2: {base_dtype: bf16}}"]
     code, out = run([*common, f"out_dir={tmp_path / 'one'}"], nproc=3)
     assert code == 0, out
     code, out = run([*common, "dist.servers=2", f"out_dir={tmp_path / 'two'}"], nproc=4)

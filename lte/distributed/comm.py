@@ -156,6 +156,13 @@ class Exchange:
             self.received += buf.numel()
         return buf
 
+    def broadcast_sized(self, buf: torch.Tensor | None, what: str, group: "dist.ProcessGroup | None" = None
+                        ) -> torch.Tensor:
+        """A message whose size only the server knows (a compressed download): its size, then it."""
+        size = self.broadcast(torch.tensor([0 if buf is None else buf.numel()], dtype=torch.int64), what, group)
+        out = buf if buf is not None else torch.empty(int(size[0]), dtype=torch.uint8)
+        return self.broadcast(out, what, group)
+
     def scatter(self, bufs: list[torch.Tensor] | None, nbytes: int | list[int], what: str, checkpoint: bool = False
                 ) -> torch.Tensor | None:
         """The server sends bufs[w] to worker w+1 (nbytes as for gather)."""

@@ -60,6 +60,8 @@ def slots_of(cfg: Config) -> Config:
         raise UserError(f"lte.heads={n} is not a multiple of worker.heads={k}")
     if cfg.dist.servers != 1:
         raise UserError("an elastic run has one server process: dist.servers must be 1")
+    if cfg.comm.download != "full":
+        raise UserError("an elastic run sends workers different versions of the base: comm.download must be full")
     return resolve_heads(cfg, n // k)
 
 

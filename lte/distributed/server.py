@@ -31,6 +31,7 @@ from ..train.engine import build_model, eval_batches, evaluate
 from ..train.log import RunLog, peak_memory, say
 from ..train.rundir import RunDir, Start, load_model_state
 from .comm import Exchange, bytes_per_step
+from .download import DeltaStream
 from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control, hello
 from .protocol import STATS, format_groups, worker_protocols
@@ -109,6 +110,8 @@ class ParameterServer:
             self.format_members = members  # worker numbers (1..) storing each base format
             self.members = [[r - 1 for r in m] for m in members]  # worker indices storing each format
             self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
+            self.deltas = ([DeltaStream(self.protos[m[0]].download.nbytes) for m in self.members]
+                           if cfg.comm.download == "delta" else None)  # per format: what the workers hold
             if self.start.state is not None and self.servers == 1:
                 load_model_state(self.model, self.start.state["master"], self.start.path)
                 self.outer.load_state_dict(self.start.state.get("outer"), env.device)
@@ -165,8 +168,11 @@ class ParameterServer:
 
     def send(self, downloads: list[torch.Tensor], what: str) -> None:
         """Each format's download to the workers that store it."""
-        for buf, group in zip(downloads, self.groups):
-            self.link.broadcast(buf, what, group=group)
+        for i, (buf, group) in enumerate(zip(downloads, self.groups)):
+            if self.deltas is None:
+                self.link.broadcast(buf, what, group=group)
+            else:
+                self.link.broadcast_sized(self.deltas[i].encode(buf), what, group=group)
 
     def run(self) -> dict | None:
         try:

@@ -21,6 +21,7 @@ from ..train.clock import RoundClock
 from ..train.config import Config
 from ..train.engine import Engine
 from .comm import Exchange
+from .download import DeltaStream
 from .env import DistEnv
 from .handshake import DIGEST, Control, hello
 from .protocol import format_groups, worker_protocols
@@ -64,6 +65,8 @@ class Worker:
         self.shard_protos = [worker_protocols(cfg, s, shapes, workers) if env.servers > 1 else self.protos
                              for s in shard_specs(spec, shapes, env.servers)]
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
+        self.deltas = ([DeltaStream(protos[self.index].download.nbytes) for protos in self.shard_protos]
+                       if cfg.comm.download == "delta" else None)  # per shard: the download it holds
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         # looked up each time: local chunks move buffers between host and device
@@ -88,9 +91,13 @@ class Worker:
         """Install the server's base and merged replicas (each shard's part); whether this worker's
         last upload was accepted (the shards agree on it)."""
         accepted = []
-        for ex, group, protos in self.shards():
+        for k, (ex, group, protos) in enumerate(self.shards()):
             proto = protos[self.index]
-            views = proto.download.unpack(ex.broadcast(proto.download.empty(), what, group=group))
+            if self.deltas is None:
+                buf = ex.broadcast(proto.download.empty(), what, group=group)
+            else:
+                buf = self.deltas[k].decode(ex.broadcast_sized(None, what, group=group))
+            views = proto.download.unpack(buf)
             core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
                              {name: views[name] for name in proto.spec.replicas})
             accepted.append(bool(views["accepted"][self.index]))

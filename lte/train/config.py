@@ -108,9 +108,13 @@ class TrainCfg:
     log_every: int = 10          # steps between progress lines / metrics.jsonl rows
 
 
+DOWNLOADS = ("full", "delta")  # lte.distributed.download
+
+
 @dataclass
 class CommCfg:                   # what a merge receives of the heads (mode=ps: what the workers send)
     upload: str = "fp32"         # fp32 | bf16 | int8 | int4 (blocks of 64 with a scale; error feedback)
+    download: str = "full"       # mode=ps: full | delta (the change since the last download, deflated; exact)
 
 
 @dataclass
@@ -336,6 +340,10 @@ def validate(cfg: Config) -> None:
     _validate_worker(cfg)  # before lte_config(), which would name the worker's options lte.*
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     cfg.outer_optimizer()
+    _check(cfg.comm.download in DOWNLOADS, "comm.download", f"must be one of {DOWNLOADS}", cfg.comm.download)
+    if cfg.comm.download != "full" and cfg.mode != "ps":
+        raise ConfigError(f"comm.download={cfg.comm.download} compresses the parameter server's downloads: mode=ps "
+                          f"only (mode={cfg.mode} has none)")
     codec = get_codec(cfg.comm.upload)
     if codec.lossy and cfg.mode not in ("lte", "ps"):
         raise ConfigError(f"comm.upload={cfg.comm.upload} compresses the heads' uploads (mode=lte or ps); "
