@@ -103,7 +103,7 @@ def test_killed_worker_is_dropped_and_a_new_one_takes_its_slot(tmp_path, elastic
     worker takes slot 1 while rank 1 straggles in round 6 (no deadline: the round waits for rank 1),
     and its heads are merged from its first round on. The result stays close to an undisturbed run."""
     common = ["lte.heads=3", "worker.heads=1", "train.batch_size=48", "train.steps=100"]
-    run = elastic(*common)
+    run = elastic(*common, "comm.download=delta")  # the joiner's stream starts from zeros
     w1 = run.join("w1", "--slot", "0", env={"LTE_FAULT": "sleep:rank=1:round=6:seconds=25"})
     w2 = run.join("w2", "--slot", "1", env={"LTE_FAULT": "kill:rank=2:round=3"})
     w3 = run.join("w3", "--slot", "2")
@@ -124,13 +124,14 @@ def test_killed_worker_is_dropped_and_a_new_one_takes_its_slot(tmp_path, elastic
 
 
 def test_straggler_past_the_deadline_is_late_and_does_not_hold_the_round(tmp_path, elastic):
-    run = elastic("lte.heads=4", "worker.heads=2", "train.steps=100", "dist.round_deadline_s=3")
+    run = elastic("lte.heads=4", "worker.heads=2", "train.steps=100", "dist.round_deadline_s=3", "comm.download=delta")
     w1 = run.join("w1", "--slot", "0")
     w2 = run.join("w2", "--slot", "1", env={"LTE_FAULT": "sleep:rank=2:round=3:seconds=7.5"})
     assert run.wait(run.server) == 0, run.output("server")
     assert run.wait(w1) == 0 and run.wait(w2) == 0
     s = summary(tmp_path / "run")
     assert s["merges"] == 10 and s["elastic"][0]["rounds"] == [[1, 10]]
+    assert s["base_check"] == "match"  # delta downloads, one stream a worker: the late one's too
     straggler = s["elastic"][1]
     assert straggler["rounds_late"] == 1 and straggler["rounds_contributed"] < 10
     assert straggler["rounds"][0] == [1, 2] and straggler["rounds"][-1][1] == 10  # back in after the late round

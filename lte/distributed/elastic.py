@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..train.config import Config, resolve_heads
 from ..train.log import RunLog, say
 from .comm import PeerError
+from .download import DeltaStream
 from .env import DistEnv
 from .handshake import DIGEST, Control
 from .membership import Door, Knock, Link, config_digest, join
@@ -60,8 +61,6 @@ def slots_of(cfg: Config) -> Config:
         raise UserError(f"lte.heads={n} is not a multiple of worker.heads={k}")
     if cfg.dist.servers != 1:
         raise UserError("an elastic run has one server process: dist.servers must be 1")
-    if cfg.comm.download != "full":
-        raise UserError("an elastic run sends workers different versions of the base: comm.download must be full")
     return resolve_heads(cfg, n // k)
 
 
@@ -79,6 +78,7 @@ class Member:
     link: Link
     name: str
     replies: queue.Queue = field(default_factory=queue.Queue)
+    delta: DeltaStream | None = None  # comm.download=delta: the download this worker holds
     waiting: bool = True      # it waits for a reply (its upload, or its start, was the last word)
     ready: bool = False       # it has built its model and waits for its first base
     started: bool = False     # it has had its first base
@@ -154,6 +154,8 @@ class ElasticServer(ParameterServer):
                 self._say(f"worker {knock.name!r} left while joining ({exc})")
                 continue
             member = self.joined[slot] = Member(slot, link, knock.name)
+            if self.cfg.comm.download == "delta":  # per worker: each holds the version it was last sent
+                member.delta = DeltaStream(self.protos[slot].download.nbytes)
             self.records[slot].joins += 1
             threading.Thread(target=self._talk, args=(member,), daemon=True, name=f"lte-link-{slot + 1}").start()
             self._say(f"worker {knock.name!r} joined as rank {slot + 1} ({len(self.joined)} of "
@@ -179,7 +181,10 @@ class ElasticServer(ParameterServer):
             while True:
                 header, download = m.replies.get()
                 m.link.send(header, "a download header")
-                m.link.send(download, "a download")
+                if m.delta is None:
+                    m.link.send(download, "a download")
+                else:
+                    m.link.send_sized(m.delta.encode(download), "a download")
                 if header[2]:  # stop: the worker answers with the digest of the base it holds
                     self.inbox.put((m, "digest", m.link.recv(DIGEST.empty(), "the final base check")))
                     return

@@ -86,12 +86,22 @@ class Link:
         self.received += buf.numel() * buf.element_size()
         return buf
 
+    def send_sized(self, buf: torch.Tensor, what: str) -> None:
+        """A message whose size the receiver does not know (a compressed download): its size, then it."""
+        self.send(torch.tensor([buf.numel()], dtype=torch.int64), what)
+        self.send(buf, what)
+
     # the worker's side of Exchange
     def gather(self, buf: torch.Tensor, nbytes, what: str, checkpoint: bool = False) -> None:
         self.send(buf, what)
 
     def broadcast(self, buf: torch.Tensor, what: str, group=None) -> torch.Tensor:
         return self.recv(buf, what)
+
+    def broadcast_sized(self, buf: None, what: str, group=None) -> torch.Tensor:
+        """The receiving end of send_sized."""
+        size = int(self.recv(torch.empty(1, dtype=torch.int64), what)[0])
+        return self.recv(torch.empty(size, dtype=torch.uint8), what)
 
     def barrier(self, what: str) -> None:
         """Members come and go: an elastic run has no barrier (dist.sync_phases does nothing)."""

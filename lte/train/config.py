@@ -341,9 +341,6 @@ def validate(cfg: Config) -> None:
     cfg.lte_config()  # heads, rank, alpha ranges, named as lte.*
     cfg.outer_optimizer()
     _check(cfg.comm.download in DOWNLOADS, "comm.download", f"must be one of {DOWNLOADS}", cfg.comm.download)
-    if cfg.comm.download != "full" and cfg.mode != "ps":
-        raise ConfigError(f"comm.download={cfg.comm.download} compresses the parameter server's downloads: mode=ps "
-                          f"only (mode={cfg.mode} has none)")
     codec = get_codec(cfg.comm.upload)
     if codec.lossy and cfg.mode not in ("lte", "ps"):
         raise ConfigError(f"comm.upload={cfg.comm.upload} compresses the heads' uploads (mode=lte or ps); "
