@@ -38,6 +38,7 @@ from ..train.log import RunLog, say
 from .comm import PeerError
 from .download import DeltaStream
 from .env import DistEnv
+from .env import wants_cuda
 from .handshake import DIGEST, Control
 from .membership import Door, Knock, Link, config_digest, join
 from .server import ParameterServer, Progress, Uploads
@@ -194,12 +195,9 @@ class ElasticServer(ParameterServer):
             self.inbox.put((m, "gone", str(exc)))
 
     def reply(self, m: Member, progress: Progress, accepted: bool, stop: bool = False) -> None:
-        buf = self.last_download[self._format_of(m.slot)]
+        buf = self.last_download[self.format_of(m.slot)]
         m.waiting, m.started = False, True
         m.replies.put((_header(progress.merges, progress.step, stop, accepted), buf))
-
-    def _format_of(self, slot: int) -> int:
-        return next(i for i, members in enumerate(self.members) if slot in members)
 
     def pump(self, progress: Progress, wait_s: float) -> tuple | None:
         """Admit new workers, then handle one message from a member (waiting up to wait_s for it).
@@ -346,7 +344,7 @@ class ElasticServer(ParameterServer):
                 del pending[event[0].slot]
                 if event[1] == "digest":
                     digests[event[0].slot] = int(DIGEST.unpack(event[2])["digest"][0])
-        mismatched = [s + 1 for s, d in digests.items() if d != self._expected_digest(s)]
+        mismatched = [s + 1 for s, d in digests.items() if d != self.expected_digest(s)]
         for m in list(self.joined.values()):
             self._leave(m, "the run ended", progress)
         summary = self.summarize(progress, self._counters(), mismatched)
@@ -358,10 +356,6 @@ class ElasticServer(ParameterServer):
         self.log.say(f"summary: eval {progress.last_eval}, {progress.merges} merges ({contributed} contributed), "
                      f"{summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
         return summary
-
-    def _expected_digest(self, slot: int) -> int:
-        p = self.protos[slot]
-        return p.base_digest(p.download.unpack(self.last_download[self._format_of(slot)]))
 
     def _counters(self) -> list[dict]:
         """Bytes per worker slot as the server counted them on its links (what the worker sent is
@@ -400,25 +394,22 @@ class ElasticWorker(Worker):
             self.upload(header["merges"] + 1, loss, compute_s)
 
     def install(self, header: dict, first: bool) -> None:
-        """The server's base, then the heads for the round: afresh on joining; reset after a merge of
-        this worker's upload; restarted when it was dropped (late) or rejected."""
-        model, opt = self.engine.model, self.engine.optimizer
+        """The server's base, then the heads for the round: afresh on joining; else as a ps worker's
+        after a merge (restarted when its upload was dropped as late, or rejected). The merge count
+        and the step are the server's, whichever rounds this worker missed."""
+        model = self.engine.model
         self.receive_base(f"the download of round {header['merges']}")
-        core.set_merges_done(model, header["merges"])
         if first:
+            core.set_merges_done(model, header["merges"])
             core.reset_heads(model)
-        elif header["accepted"]:
-            core.set_merges_done(model, header["merges"] - 1)
-            core.finish_merge(model, opt)
         else:
-            core.restart_heads(model, list(range(len(self.heads))), opt)
-            self.uploader.residuals.clear()
+            core.set_merges_done(model, header["merges"] - 1)  # the merge this download is the result of
+            self.start_next_round(bool(header["accepted"]))
         self.engine.seek(header["step"])
         model.train()
 
     def finish(self) -> None:
-        digest = self.proto.base_digest(self.proto.worker_base(self.engine.model))
-        self.exchange.send(DIGEST.pack({"digest": torch.tensor([digest])}), "the final base check")
+        self.send_digests()  # the server keeps no worker state: no state upload, no counters
 
 
 # the commands -----------------------------------------------------------------------------------
@@ -431,8 +422,7 @@ def join_run(cfg: Config, server: str, slot: int | None) -> None:
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--server {server!r}: expected HOST:PORT")
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if want_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if wants_cuda(cfg) else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     link, slot = join(host, int(port), config_digest(cfg), slot, cfg.dist.timeout_s)

@@ -47,6 +47,13 @@ def read_env(cfg: Config) -> tuple[int, int, int, int]:
                           f"`lte-train --nproc-per-node 3 ... mode={cfg.mode}`") from None
 
 
+def wants_cuda(cfg: Config) -> bool:
+    """Whether this run's processes compute on GPUs (train.device), or a ConfigError."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
 def place(cfg: Config, rank: int, world: int, local_rank: int, local_world: int) -> tuple[torch.device, str]:
     """This process's device and the group backend."""
     ps = cfg.mode == "ps"
@@ -54,9 +61,7 @@ def place(cfg: Config, rank: int, world: int, local_rank: int, local_world: int)
     if ps and world < servers + 1:
         raise ConfigError(f"mode=ps needs at least {servers + 1} processes ({servers} server rank(s) and a worker); "
                           f"launch with --nproc_per_node={servers + 2} for {servers} server rank(s) and two workers")
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
+    want_cuda = wants_cuda(cfg)
     server = ps and rank < servers
     if not want_cuda or (server and cfg.dist.ps_device == "cpu"):
         device = torch.device("cpu")

@@ -231,14 +231,15 @@ class ParameterServer:
                   for x in spec.layers}
         return {**shapes, **{n: tuple(self.master[n].shape) for n in spec.replicas}}
 
-    def shard_tensors(self, states: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """What this shard writes into a sharded checkpoint (shaped like the real thing when only a
-        template is wanted: states None)."""
+    def shard_tensors(self, snapshot: torch.Tensor | None = None, states: list[torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """What this shard writes into a sharded checkpoint: its byte counters as of `snapshot` and
+        the workers' `states` (without them, a template shaped like the real thing, to load into)."""
         out = {f"master.{n}": t.detach() for n, t in self.master.items()}
         if self.outer.active:
             out.update({f"outer.{n}": self.outer.momenta.get(n, torch.zeros(shape))
                         for n, shape in self.outer_shapes().items()})
-        out["comm"] = self.exchange.snapshot()
+        out["comm"] = snapshot if snapshot is not None else torch.zeros_like(self.exchange.snapshot())
         for w, p in enumerate(self.protos):
             out[f"worker{w}"] = states[w] if states is not None else p.state.empty()
         return out
@@ -323,8 +324,8 @@ class ParameterServer:
 
     def checkpoint(self, progress: Progress, snapshot: torch.Tensor, states: list[torch.Tensor], **extra) -> None:
         if self.servers > 1:  # every shard its tensors, then rank 0 the loop's state, which commits them
-            save_shard(self.rundir.shard_path(progress.step), {**self.shard_tensors(states), "comm": snapshot},
-                       self.shard, self.links)
+            save_shard(self.rundir.shard_path(progress.step), self.shard_tensors(snapshot, states), self.shard,
+                       self.links)
             dist.barrier(group=self.links.servers)
             if self.shard == 0:
                 state = {k: v for k, v in self.run_state(progress).items() if k not in ("master", "outer")}
@@ -340,15 +341,20 @@ class ParameterServer:
                 "rng": torch.get_rng_state(), "totals": progress.running_totals(), "last_eval": progress.last_eval,
                 "outer": self.outer.state_dict()}
 
+    def format_of(self, w: int) -> int:
+        """The index of worker w's base format (in self.members, self.last_download)."""
+        return next(i for i, members in enumerate(self.members) if w in members)
+
+    def expected_digest(self, w: int) -> int:
+        """The digest of the base worker w should hold: the last download of its format."""
+        p = self.protos[w]
+        return p.base_digest(p.download.unpack(self.last_download[self.format_of(w)]))
+
     def check_bases(self) -> list[int]:
         """Worker ranks whose final base differs from the server's last encoding in their format."""
-        expected = {}
-        for members, buf in zip(self.members, self.last_download):
-            p = self.protos[members[0]]
-            expected.update({w: p.base_digest(p.download.unpack(buf)) for w in members})
         digests = [int(DIGEST.unpack(b)["digest"][0])
                    for b in self.link.gather(None, DIGEST.nbytes, "the final base check")]
-        match = agree(torch.tensor([int(d == expected[w]) for w, d in enumerate(digests)]), self.links)
+        match = agree(torch.tensor([int(d == self.expected_digest(w)) for w, d in enumerate(digests)]), self.links)
         return [w + 1 for w, ok in enumerate(match) if not ok]
 
     def finish(self, progress: Progress) -> dict | None:

@@ -90,7 +90,7 @@ class Worker:
     def receive_base(self, what: str) -> bool:
         """Install the server's base and merged replicas (each shard's part); whether this worker's
         last upload was accepted (the shards agree on it)."""
-        accepted = []
+        accepted = False
         for k, (ex, group, protos) in enumerate(self.shards()):
             proto = protos[self.index]
             if self.deltas is None:
@@ -100,8 +100,8 @@ class Worker:
             views = proto.download.unpack(buf)
             core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
                              {name: views[name] for name in proto.spec.replicas})
-            accepted.append(bool(views["accepted"][self.index]))
-        return accepted[0]
+            accepted = bool(views["accepted"][self.index])  # the same from every shard
+        return accepted
 
     def upload_state(self) -> None:
         opt, heads = self.engine.optimizer, self.head_tensors()
@@ -196,17 +196,24 @@ class Worker:
                       f"the upload of round {rounds}")
 
     def install(self, rounds: int) -> None:
-        """The merged base, then the heads reset for the next round (restarted if rejected)."""
+        """The merged base, then the heads for the next round."""
+        self.start_next_round(self.receive_base(f"the download of round {rounds}"))
+
+    def start_next_round(self, accepted: bool) -> None:
+        """After a merge: the heads reset, or restarted if the server did not merge this worker's upload."""
         engine = self.engine
-        accepted = self.receive_base(f"the download of round {rounds}")
         core.finish_merge(engine.model, engine.optimizer)
         if not accepted:
             core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
-            self.uploader.residuals.clear()  # what a non-finite update left behind
+            self.uploader.residuals.clear()  # what an update that was not merged left behind
 
-    def finish(self) -> None:
-        for ex, _, protos in self.shards():  # each shard checks its part
+    def send_digests(self) -> None:
+        """The digest of the base this worker holds, to each shard (its part), for the final check."""
+        for ex, _, protos in self.shards():
             digest = protos[self.index].base_digest(protos[self.index].worker_base(self.engine.model))
             ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
+
+    def finish(self) -> None:
+        self.send_digests()
         self.upload_state()  # for the final checkpoint, which a longer run continues from
         self.exchange.counters()
