@@ -62,6 +62,9 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T100-nesterov-int8": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int8"],
     "lte-T100-nesterov-int4": ["lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4"],
     "lte-T200-nesterov-int4": ["lte.merge_every=200", "eval.every=1", *NESTEROV, "comm.upload=int4"],
+    "lte-T10-overlap": ["lte.merge_every=10", "comm.overlap=true"],
+    "lte-T50-nesterov-int4-overlap": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
+                                      "comm.overlap=true"],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
     "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }

@@ -52,11 +52,17 @@ def ps_against_simulated(tmp_path, common, **launch):
     return max((ps[k].float() - sim[k].float()).abs().max().item() for k in ps)
 
 
-@pytest.mark.parametrize("model", [[], GPT, ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5",
-                                               "comm.upload=int4", "comm.download=delta"]],
-                         ids=["vit", "gpt", "vit-outer-int4-uploads-delta-downloads"])
+OUTER_INT4_DELTA = ["lte.outer=nesterov", "lte.outer_lr=0.9", "lte.outer_momentum=0.5", "comm.upload=int4",
+                    "comm.download=delta"]
+
+
+@pytest.mark.parametrize("model", [[], GPT, OUTER_INT4_DELTA, ["comm.overlap=true"],
+                                   ["comm.overlap=true", *OUTER_INT4_DELTA]],
+                         ids=["vit", "gpt", "vit-outer-int4-uploads-delta-downloads", "vit-overlap",
+                              "vit-overlap-int4-outer-delta"])
 def test_ps_with_two_workers_equals_simulated_heads(tmp_path, model):
-    """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds."""
+    """2 workers x 2 heads through torchrun == 4 simulated heads: same master after 3 rounds (with
+    comm.overlap, the simulated heads train one merge behind their master as the workers do)."""
     assert ps_against_simulated(tmp_path, model, torchrun=["--standalone", "--nproc_per_node=3"]) < 1e-5
     s = summary(tmp_path / "ps")
     assert s["eval"]["loss"] == pytest.approx(summary(tmp_path / "lte")["eval"]["loss"], abs=1e-6)
@@ -181,11 +187,13 @@ def test_hung_worker_ends_the_run_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 100
 
 
-@pytest.mark.parametrize("upload", ["fp32", "int4"])
-def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path, upload):
-    """With int4 uploads the workers' error-feedback residuals come back from the checkpoint."""
-    common = ["mode=ps", "lte.heads=4", "train.steps=50", "lte.merge_every=10", "checkpoint.every=1",
-              f"comm.upload={upload}"]
+@pytest.mark.parametrize("options", [["comm.upload=fp32", "checkpoint.every=1"],
+                                     ["comm.upload=int4", "comm.overlap=true", "checkpoint.every=2"]],
+                         ids=["fp32", "int4-overlap"])
+def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_result(tmp_path, options):
+    """With int4 uploads the workers' error-feedback residuals come back from the checkpoint; with
+    comm.overlap the checkpoint rounds settle, so the rounds after the restart overlap as before."""
+    common = ["mode=ps", "lte.heads=4", "train.steps=50", "lte.merge_every=10", *options]
     code, out = run([*common, f"out_dir={tmp_path / 'whole'}"], nproc=3)
     assert code == 0, out
     code, out = run([*common, f"out_dir={tmp_path / 'killed'}"], env={"LTE_FAULT": "kill:rank=2:round=3:attempt=0"},

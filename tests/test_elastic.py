@@ -178,6 +178,9 @@ def test_bad_elastic_configs_are_refused_with_a_message(tmp_path):
     code, out = run_command([sys.executable, "-m", "lte.train", "join", "--server", "nowhere", *COMMON,
                              "lte.heads=4", "worker.heads=2"])
     assert code == 2 and "expected HOST:PORT" in out
+    code, out = run_command([sys.executable, "-m", "lte.train", "serve", *COMMON, "lte.heads=4", "worker.heads=2",
+                             "comm.overlap=true", f"out_dir={tmp_path}"])
+    assert code == 2 and "comm.overlap (uploads one round stale) runs under torchrun only" in out
 
 
 

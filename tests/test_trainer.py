@@ -93,6 +93,11 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     (["comm.upload=int3"], "comm.upload must be one of"),
     (["mode=full", "comm.upload=int8"], "mode=full has none"),
     (["comm.upload=int4", "lte.reset=none"], "cannot run with lte.reset=none"),
+    (["mode=full", "comm.overlap=true"], "(mode=lte or ps); mode=full has none"),
+    (["comm.overlap=true", "lte.reset=none"], "comm.overlap cannot run with lte.reset=none"),
+    (["comm.overlap=true", "dist.sync_phases=true"], "set one of them"),
+    (["dist.emulate_link_mbps=100"], "mode=lte runs in one process"),
+    (["mode=ps", "dist.emulate_link_mbps=-1"], "dist.emulate_link_mbps must be >= 0"),
 ])
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides, message):
     code = main(["--config", DIGITS, f"out_dir={tmp_path}", "train.steps=2", *overrides])

@@ -48,6 +48,8 @@ class LTEConfig:
                      values projected on one vector; every LTE layer's input width must be a multiple
                      of it).
     velora_subtoken: VeLoRA's sub-token size M.
+    overlap:         the heads keep, in their forward, their factors of the round whose merge is
+                     in flight (comm.overlap; lte.core.overlap): buffers of the heads' size.
     """
 
     heads: int = 1
@@ -61,6 +63,7 @@ class LTEConfig:
     base: str = "fp32"
     activations: str = "full"
     velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN
+    overlap: bool = False
 
     def __post_init__(self):
         _require_int(self, "heads", minimum=1)
@@ -77,6 +80,8 @@ class LTEConfig:
                 f"LTEConfig.other_params must be one of {OTHER_PARAMS}, got {self.other_params!r}")
         if not isinstance(self.patch_conv, bool):
             raise ConfigError(f"LTEConfig.patch_conv must be true or false, got {self.patch_conv!r}")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"LTEConfig.overlap must be true or false, got {self.overlap!r}")
         if self.embeddings not in EMBEDDINGS:
             raise ConfigError(f"LTEConfig.embeddings must be one of {EMBEDDINGS}, got {self.embeddings!r}")
         if self.base not in FORMATS:

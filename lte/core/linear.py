@@ -31,11 +31,14 @@ if TYPE_CHECKING:
     from .config import LTEConfig
 
 
+CARRIED = ("lora_Ac", "lora_Bc")  # comm.overlap's carried factors (lte.core.overlap)
+
+
 class LTELinear(nn.Module):
     """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
-                 scale: float, train_bias: bool, resetless: bool, base: BaseFormat | None = None,
+                 scale: float, train_bias: bool, resetless: bool, carry: bool = False, base: BaseFormat | None = None,
                  activations: Activations | None = None, transposed: bool = False):
         super().__init__()
         out_features, in_features = weight.shape  # the out x in matrix, whatever the original layout
@@ -66,6 +69,13 @@ class LTELinear(nn.Module):
             self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
         else:
             self.lora_A0 = self.lora_B0 = None
+        if carry:
+            # comm.overlap: each head's factors of the round whose merge is in flight, kept in its
+            # forward until that merge arrives (lte.core.overlap.Carry)
+            self.register_buffer("lora_Ac", torch.zeros_like(self.lora_A))
+            self.register_buffer("lora_Bc", torch.zeros_like(self.lora_B))
+        else:
+            self.lora_Ac = self.lora_Bc = None
 
     @property
     def export_shape(self) -> tuple[int, ...]:
@@ -99,11 +109,14 @@ class LTELinear(nn.Module):
             target.copy_(payload[part].reshape(target.shape))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of every head, with the last-merge snapshot folded in for reset="none"."""
-        if self.lora_A0 is None:
-            return self.lora_A, self.lora_B
-        return (torch.cat([self.lora_A, self.lora_A0], dim=1),
-                torch.cat([self.lora_B, -self.lora_B0], dim=2))
+        """(A, B) of every head, with the last-merge snapshot folded in for reset="none" and the
+        carried factors for comm.overlap (a head of rank r then runs at rank 2r)."""
+        A, B = self.lora_A, self.lora_B
+        if self.lora_A0 is not None:
+            A, B = torch.cat([A, self.lora_A0], dim=1), torch.cat([B, -self.lora_B0], dim=2)
+        if self.lora_Ac is not None:
+            A, B = torch.cat([A, self.lora_Ac], dim=1), torch.cat([B, self.lora_Bc], dim=2)
+        return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

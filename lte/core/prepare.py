@@ -19,7 +19,7 @@ from ..errors import ModelError
 from ..memory import Activations, BaseFormat
 from .config import LTEConfig
 from .init import init_lora_A
-from .linear import LINEAR_TYPES, LTELinear, linear_type
+from .linear import CARRIED, LINEAR_TYPES, LTELinear, linear_type
 from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
 from .outer import OuterOptimizer
 from .upload import Uploader, through_uploads
@@ -111,7 +111,7 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
 def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: int, **layer_kw) -> nn.Module:
     """Every planned layer replaced by an LTE layer; the root (the new layer if the model was one)."""
     layer_kw.update(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, train_bias=cfg.other_params != "frozen",
-                    resetless=cfg.reset == "none")
+                    resetless=cfg.reset == "none", carry=cfg.overlap)
     root = model
     for path in spec.layers:
         old = model.get_submodule(path)
@@ -304,7 +304,8 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
     state = state_of(model)
     skip = set(state.spec.head_keys()) | set(option_state(model)) | {MERGES_KEY}
     for path, layer in lte_layers(model):
-        skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False) if name.startswith("weight_")}
+        skip |= {_join(path, name) for name, _ in layer.named_buffers(recurse=False)
+                 if name.startswith("weight_") or name in CARRIED}
     out = {key: value.detach().clone() for key, value in model.state_dict().items() if key not in skip}
     for path, layer in lte_layers(model):
         out[_join(path, "weight")] = layer.export_weight()

@@ -126,10 +126,11 @@ class Uploader:
     @torch.no_grad()
     def encode(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.detach().float()
-        if self.error_feedback and name in self.residuals:
+        feedback = self.error_feedback and self.lossy  # fp32 drops nothing to feed back
+        if feedback and name in self.residuals:
             x = x + self.residuals[name].to(x.device)
         parts = self.codec.encode(x)
-        if self.error_feedback:
+        if feedback:
             self.residuals[name] = x - self.codec.decode(parts, tuple(x.shape))
         return parts
 
@@ -157,10 +158,12 @@ def as_values(changes: dict[str, torch.Tensor], master: dict[str, torch.Tensor])
 
 
 def through_uploads(heads: dict[str, torch.Tensor], master: dict[str, torch.Tensor], keys: list[str],
-                    uploader: Uploader) -> dict[str, torch.Tensor]:
+                    uploader: Uploader, onto: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The head tensors as a parameter server would merge them after `uploader`'s codec: `keys` (what
-    is uploaded) encoded and decoded, replicas as changes; the other head tensors as they are."""
-    if not uploader.lossy:
+    is uploaded) encoded and decoded, replicas as changes from the `master` the heads trained against;
+    the other head tensors as they are. `onto`: a master a merge ahead of that one (comm.overlap), on
+    which the server rebuilds the replicas' values from their changes (sent as changes even in fp32)."""
+    if not uploader.lossy and onto is None:
         return heads
-    sent = as_values(uploader.sent(as_changes({k: heads[k] for k in keys}, master)), master)
-    return {**heads, **sent}
+    sent = uploader.sent(as_changes({k: heads[k] for k in keys}, master))
+    return {**heads, **as_values(sent, master if onto is None else onto)}

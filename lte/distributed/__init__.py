@@ -18,7 +18,7 @@ def run_distributed(cfg: Config) -> dict | None:
         cfg = resolve_heads(cfg, world - cfg.dist.servers)
     env = dist_env.init(cfg)
     device = env.device if env.backend == "nccl" else torch.device("cpu")
-    exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s)
+    exchange = Exchange(env.rank, env.world, device, cfg.dist.timeout_s, link_mbps=cfg.dist.emulate_link_mbps)
     broken = finished = False
     try:
         summary = _run_role(cfg, env, exchange)

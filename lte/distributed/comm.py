@@ -9,11 +9,14 @@ checkpoint, and back on a restart) are counted apart, so the training figures do
 how often a run checkpoints. Barriers and the end-of-run exchange of the counters themselves move
 no payload and are not counted. Messages whose size differs between workers (workers with
 different options) go point to point; a broadcast to the workers of one base format runs over
-their own group.
+their own group. With dist.emulate_link_mbps (benchmarks) every counted payload of a worker, and
+each rank's share of a ring all-reduce, waits bytes / bandwidth after it moved, as if it had
+crossed a link that slow (loopback is not).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -99,8 +102,9 @@ class Exchange:
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float, *, server: int = 0,
                  peers: list[int] | None = None, group: "dist.ProcessGroup | None" = None,
-                 counts: Counts | None = None):
+                 counts: Counts | None = None, link_mbps: float = 0.0):
         self.rank, self.world, self.device = rank, world, device
+        self.link_mbps = link_mbps  # dist.emulate_link_mbps: each payload waits its time on a link this fast
         self.server, self.group = server, group
         self.peers = [r for r in range(world) if r != server] if peers is None else list(peers)
         self.timeout = timedelta(seconds=timeout_s)
@@ -110,7 +114,7 @@ class Exchange:
     def toward(self, server: int, peers: list[int], group: "dist.ProcessGroup | None") -> Exchange:
         """The exchange between `server` and `peers` over `group`, counting into this one's counters."""
         return Exchange(self.rank, self.world, self.device, self.timeout.total_seconds(), server=server, peers=peers,
-                        group=group, counts=self.counts)
+                        group=group, counts=self.counts, link_mbps=self.link_mbps)
 
     @property
     def workers(self) -> int:
@@ -151,9 +155,9 @@ class Exchange:
         group = self.group if group is None else group
         self._run(lambda: dist.broadcast(buf, src=self.server, group=group), what)
         if self.rank == self.server:
-            self.sent += buf.numel() * (self.workers if group is None else dist.get_world_size(group) - 1)
+            self._count(buf.numel() * (self.workers if group is None else dist.get_world_size(group) - 1), 0, False)
         else:
-            self.received += buf.numel()
+            self._count(0, buf.numel(), False)
         return buf
 
     def broadcast_sized(self, buf: torch.Tensor | None, what: str, group: "dist.ProcessGroup | None" = None
@@ -195,15 +199,21 @@ class Exchange:
         for work in works:
             work.wait(self.timeout)
 
-    def count_ring_all_reduce(self, nbytes: int) -> None:
+    def count_ring_all_reduce(self, nbytes: int) -> int:
+        """Count a ring all-reduce of `nbytes`; the share each rank sends (and receives, at the same time)."""
         share = ring_all_reduce_share(self.world, nbytes)
         self.sent, self.received = self.sent + share, self.received + share
+        return share
+
+    def link_s(self, nbytes: int) -> float:
+        """The seconds `nbytes` take on the emulated link (0 without one)."""
+        return nbytes * 8 / (self.link_mbps * 1e6) if self.link_mbps else 0.0
 
     def all_reduce_mean(self, buf: torch.Tensor, what: str) -> torch.Tensor:
         """Every rank's `buf` averaged over the ranks, in place (counted as a ring all-reduce)."""
         work = buf.to(self.device)  # the group's device (the host under Gloo)
         self._run(lambda: dist.all_reduce(work, op=dist.ReduceOp.SUM), what)
-        self.count_ring_all_reduce(buf.numel() * buf.element_size())
+        time.sleep(self.link_s(self.count_ring_all_reduce(buf.numel() * buf.element_size())))
         return buf.copy_(work.div_(self.world))
 
     def barrier(self, what: str) -> None:
@@ -231,6 +241,8 @@ class Exchange:
                 for r, t in enumerate(out)]
 
     def _count(self, sent: int, received: int, checkpoint: bool) -> None:
+        if self.rank != self.server:  # the links emulated are the workers' (the server's is taken as wide)
+            time.sleep(self.link_s(sent + received))
         if checkpoint:
             self.ckpt_sent, self.ckpt_received = self.ckpt_sent + sent, self.ckpt_received + received
         else:

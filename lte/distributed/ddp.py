@@ -4,6 +4,7 @@ communication hook: a ring all-reduce of n bytes over W ranks sends and receives
 per rank."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -24,8 +25,15 @@ from .env import DistEnv
 
 def _counting_allreduce(exchange: Exchange, bucket):
     buf = bucket.buffer()
-    exchange.count_ring_all_reduce(buf.numel() * buf.element_size())
-    return default_hooks.allreduce_hook(None, bucket)
+    wait_s = exchange.link_s(exchange.count_ring_all_reduce(buf.numel() * buf.element_size()))
+    reduced = default_hooks.allreduce_hook(None, bucket)
+    if not wait_s:
+        return reduced
+
+    def after_the_link(fut):  # runs on the process group's thread: backward goes on meanwhile, as with a real link
+        time.sleep(wait_s)
+        return fut.value()
+    return reduced.then(after_the_link)
 
 
 class DDPTrainer(Trainer):

@@ -62,6 +62,12 @@ def slots_of(cfg: Config) -> Config:
         raise UserError(f"lte.heads={n} is not a multiple of worker.heads={k}")
     if cfg.dist.servers != 1:
         raise UserError("an elastic run has one server process: dist.servers must be 1")
+    if cfg.dist.emulate_link_mbps:
+        raise UserError("dist.emulate_link_mbps slows the links of torchrun runs; an elastic run's links are real: "
+                        "set it to 0")
+    if cfg.comm.overlap:
+        raise UserError("an elastic run merges what each round brings: comm.overlap (uploads one round stale) "
+                        "runs under torchrun only; set comm.overlap=false")
     return resolve_heads(cfg, n // k)
 
 

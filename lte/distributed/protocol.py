@@ -53,8 +53,11 @@ class Protocol:
 
     def __init__(self, spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], *, local_heads: int,
                  rank: int, fmt: BaseFormat, workers: int, activations: Activations, chunks: int = 1,
-                 codec: UploadCodec = CODECS["fp32"]):
+                 codec: UploadCodec = CODECS["fp32"], overlap: bool = False):
         self.spec, self.fmt, self.chunks, self.codec = spec, fmt, chunks, codec
+        # replicas travel as their change from the base the worker holds: a compressed change spends
+        # its codes on what moved, and with comm.overlap the server adds it to a master a merge ahead
+        self.changes = codec.lossy or overlap
         self.heads = head_shapes(spec, master_shapes, local_heads, rank)
         self.layer_shapes = {layer: spec.matrix_shape(layer, master_shapes[key(layer, "weight")])
                              for layer in spec.layers}
@@ -96,9 +99,9 @@ class Protocol:
 
     def encode_upload(self, heads: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
                       uploader: Uploader) -> dict[str, torch.Tensor]:
-        """A worker's uploaded tensors by their names in the upload layout: its heads' tensors as they
-        are in fp32, else in the codec, replicas as their change from the merged `replicas`."""
-        if not self.codec.lossy:
+        """A worker's uploaded tensors by their names in the upload layout: its heads' tensors in the
+        codec, replicas as their change from the merged `replicas` (as they are, in plain fp32)."""
+        if not self.changes:
             return {k: heads[k] for k in self.uploaded}
         changes = as_changes({k: heads[k] for k in self.uploaded}, replicas)
         return {_part_key(k, part): t for k in self.uploaded for part, t in uploader.encode(k, changes[k]).items()}
@@ -113,7 +116,7 @@ class Protocol:
         """A worker's head tensors as the merge takes them: its upload decoded (replicas from their
         change and the `master`), plus A re-drawn for LoRA-FA (the A it trained with this round:
         draw `draw` of every head, as lte.core.reset_heads drew it)."""
-        if self.codec.lossy:
+        if self.changes:
             out = as_values({k: self.codec.decode({part: upload[_part_key(k, part)]
                                                    for part in self.codec.layout(self.heads[k])}, self.heads[k])
                              for k in self.uploaded}, master)
@@ -174,7 +177,8 @@ def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, .
         heads_cfg = cfg.lte_config(w + 1)
         out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
                             fmt=heads_cfg.base_format(), workers=workers, activations=heads_cfg.activation_option,
-                            chunks=cfg.worker_options(w + 1).chunks, codec=get_codec(cfg.comm.upload)))
+                            chunks=cfg.worker_options(w + 1).chunks, codec=get_codec(cfg.comm.upload),
+                            overlap=cfg.comm.overlap))
     return out
 
 

@@ -408,7 +408,8 @@ class ParameterServer:
         cfg = self.cfg
         workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {self.upload_nbytes(w):,} B "
                    f"and download {self.download_nbytes(w):,} B per round" for w in range(self.workers)]
-        outer = "".join(f", {d}" for d in (self.outer.describe(), self.protos[0].codec.describe()) if d)
+        outer = "".join(f", {d}" for d in (self.outer.describe(), self.protos[0].codec.describe(), cfg.comm.describe())
+                        if d)
         shards = f" in {self.servers} shards" if self.servers > 1 else ""
         return (f"parameter server{shards} on {self.env.device} ({self.env.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "

@@ -8,6 +8,7 @@ the order to restart its heads. Its options are worker.* with its worker.per_ran
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -65,6 +66,9 @@ class Worker:
         self.shard_protos = [worker_protocols(cfg, s, shapes, workers) if env.servers > 1 else self.protos
                              for s in shard_specs(spec, shapes, env.servers)]
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
+        # comm.overlap: one thread runs a round's exchange while the next round computes
+        self.background, self.in_flight = ThreadPoolExecutor(1, "lte-overlap"), None
+        self.carry = core.Carry()  # what the heads keep of a round in flight (empty without overlap)
         self.deltas = ([DeltaStream(protos[self.index].download.nbytes) for protos in self.shard_protos]
                        if cfg.comm.download == "delta" else None)  # per shard: the download it holds
 
@@ -90,18 +94,30 @@ class Worker:
     def receive_base(self, what: str) -> bool:
         """Install the server's base and merged replicas (each shard's part); whether this worker's
         last upload was accepted (the shards agree on it)."""
-        accepted = False
+        return self.install_base(self.receive_downloads(what))
+
+    def receive_downloads(self, what: str) -> list[torch.Tensor]:
+        """Each shard's download as its layout lays it out (rebuilt from its change under comm.download=delta)."""
+        out = []
         for k, (ex, group, protos) in enumerate(self.shards()):
-            proto = protos[self.index]
             if self.deltas is None:
-                buf = ex.broadcast(proto.download.empty(), what, group=group)
+                out.append(ex.broadcast(protos[self.index].download.empty(), what, group=group))
             else:
-                buf = self.deltas[k].decode(ex.broadcast_sized(None, what, group=group))
+                out.append(self.deltas[k].decode(ex.broadcast_sized(None, what, group=group)))
+        return out
+
+    def install_base(self, downloads: list[torch.Tensor]) -> bool:
+        for buf, (_, _, protos) in zip(downloads, self.shards()):
+            proto = protos[self.index]
             views = proto.download.unpack(buf)
             core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
                              {name: views[name] for name in proto.spec.replicas})
-            accepted = bool(views["accepted"][self.index])  # the same from every shard
-        return accepted
+        return self.accepted(downloads)
+
+    def accepted(self, downloads: list[torch.Tensor]) -> bool:
+        """Whether the upload these downloads answer was merged (every shard says the same)."""
+        proto = self.shard_protos[0][self.index]
+        return bool(proto.download.unpack(downloads[0])["accepted"][self.index])
 
     def upload_state(self) -> None:
         opt, heads = self.engine.optimizer, self.head_tensors()
@@ -155,8 +171,11 @@ class Worker:
         while self.engine.step < self.cfg.train.steps:
             rounds += 1
             loss, compute_s = self.train_round()
-            self.upload(rounds, loss, compute_s)
-            self.install(rounds)
+            if self.cfg.comm.overlap:
+                self.overlapped(rounds, loss, compute_s)
+            else:
+                self.upload(rounds, loss, compute_s)
+                self.install(rounds)
             if self.clock.checkpoints(self.engine.step):
                 self.upload_state()
         self.finish()
@@ -181,29 +200,62 @@ class Worker:
         return loss, time.perf_counter() - t0
 
     def upload(self, rounds: int, loss: float, compute_s: float) -> None:
-        if self.cfg.dist.sync_phases:
-            for ex, _, _ in self.shards():
-                ex.barrier("the pre-upload barrier")
+        self.send_uploads(self.encode_uploads(rounds, loss, compute_s), rounds)
+
+    def encode_uploads(self, rounds: int, loss: float, compute_s: float) -> list[torch.Tensor]:
+        """This round's upload to each shard (its layers' factors), against the base the round trained on."""
         heads, engine = self.head_tensors(), self.engine
         faults.before_upload(self.env.worker, rounds, {k: heads[k] for k in self.proto.uploaded})
         chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
         stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
-        replicas = {name: t for name, t in engine.model.state_dict().items() if name in self.proto.spec.replicas}
-        for ex, _, protos in self.shards():  # each shard its layers' factors
-            proto = protos[self.index]
-            tensors = proto.encode_upload(heads, replicas, self.uploader)
-            ex.gather(proto.upload.pack({**tensors, "stats": stats}), [p.upload.nbytes for p in protos],
-                      f"the upload of round {rounds}")
+        replicas = self.carry.references(engine.model)
+        return [protos[self.index].upload.pack({**protos[self.index].encode_upload(heads, replicas, self.uploader),
+                                                "stats": stats})
+                for _, _, protos in self.shards()]
+
+    def send_uploads(self, bufs: list[torch.Tensor], rounds: int) -> None:
+        if self.cfg.dist.sync_phases:
+            for ex, _, _ in self.shards():
+                ex.barrier("the pre-upload barrier")
+        for buf, (ex, _, protos) in zip(bufs, self.shards()):
+            ex.gather(buf, [p.upload.nbytes for p in protos], f"the upload of round {rounds}")
 
     def install(self, rounds: int) -> None:
         """The merged base, then the heads for the next round."""
         self.start_next_round(self.receive_base(f"the download of round {rounds}"))
 
+    def overlapped(self, rounds: int, loss: float, compute_s: float) -> None:
+        """The end of a round under comm.overlap (lte.core.overlap): this round's upload goes out, its
+        heads carry it, the previous round's download is installed, and this round's exchange runs in
+        the background during the next round; a round that settles (the clock's) waits for its own
+        download instead and carries nothing."""
+        earlier = self.in_flight.result() if self.in_flight is not None else None  # raises its PeerError
+        self.in_flight = None
+        accepted = earlier is None or self.accepted(earlier)
+        bufs = self.encode_uploads(rounds, loss, compute_s)
+
+        def exchange() -> list[torch.Tensor]:
+            self.send_uploads(bufs, rounds)
+            return self.receive_downloads(f"the download of round {rounds}")
+
+        if self.clock.settles(self.engine.step):
+            latest = exchange()
+            self.carry.drop(self.engine.model)
+            self.start_next_round(self.install_base(latest) and accepted)
+            return
+        self.carry.take(self.engine.model)
+        if earlier is not None:
+            self.install_base(earlier)
+        self.start_next_round(accepted)
+        self.in_flight = self.background.submit(exchange)
+
     def start_next_round(self, accepted: bool) -> None:
         """After a merge: the heads reset, or restarted if the server did not merge this worker's upload."""
         engine = self.engine
         core.finish_merge(engine.model, engine.optimizer)
+        self.carry.restart(engine.model)
         if not accepted:
+            self.carry.drop(engine.model)
             core.restart_heads(engine.model, list(range(len(self.heads))), engine.optimizer)
             self.uploader.residuals.clear()  # what an update that was not merged left behind
 

@@ -5,8 +5,9 @@ Everything is a function of `step`, the number of optimizer steps done so far. A
 lte.merge_every steps (the last one may be shorter); rounds end at multiples of merge_every and at
 train.steps. At a round's end the run merges (LTE modes), evaluates every eval.every rounds and at
 the end, and checkpoints every checkpoint.every rounds (the final checkpoint is written by the
-loop's end, not here). Progress rows go out every train.log_every steps and whenever the run
-evaluates (a round end that carries per-chunk losses adds one too: the loop's choice, as it knows).
+loop's end, not here); with comm.overlap those rounds and the last settle (their merge is not left
+in flight). Progress rows go out every train.log_every steps and whenever the run evaluates (a
+round end that carries per-chunk losses adds one too: the loop's choice, as it knows).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class RoundClock:
         """A checkpoint within the run; the one at its last step is the loop's final checkpoint."""
         return (self.ends_round(step) and self.checkpoint_every > 0 and step < self.steps
                 and self.round_of(step) % self.checkpoint_every == 0)
+
+    def settles(self, step: int) -> bool:
+        """With comm.overlap, whether the round ending at `step` waits for its own merge instead of
+        leaving it in flight: a checkpoint round (so a checkpoint holds nothing in flight) and the last."""
+        return self.checkpoints(step) or step == self.steps
 
     def logs(self, step: int, since: int | None = None) -> bool:
         """Whether a progress row is due after `step` steps, the previous check having been after

@@ -90,6 +90,7 @@ class DistCfg:                   # mode=ps, ddp and diloco
     servers: int = 1             # mode=ps: ranks 0..servers-1 each hold a slice of the master (whole tensors)
     round_deadline_s: float = 0.0  # lte-train serve: merge what arrived this long after a round began; 0 = wait for all
     min_workers: int = 0         # lte-train serve: workers to wait for before the first round; 0 = every slot
+    emulate_link_mbps: float = 0.0  # benchmarks: each worker's messages wait bytes / this bandwidth; 0 = off
 
 
 @dataclass
@@ -115,6 +116,13 @@ DOWNLOADS = ("full", "delta")  # lte.distributed.download
 class CommCfg:                   # what a merge receives of the heads (mode=ps: what the workers send)
     upload: str = "fp32"         # fp32 | bf16 | int8 | int4 (blocks of 64 with a scale; error feedback)
     download: str = "full"       # mode=ps: full | delta (the change since the last download, deflated; exact)
+    overlap: bool = False        # a round's upload, merge and download run during the next round (one round stale)
+
+    def describe(self, downloads: bool = True) -> str:
+        """The download (unless not `downloads`: one process downloads nothing) and overlap options in
+        a few words ("" when off); the upload codec says its own (lte.core.upload.Uploader.describe)."""
+        parts = ["downloads as deltas"] if downloads and self.download == "delta" else []
+        return ", ".join(parts + (["rounds overlapped (one round stale)"] if self.overlap else []))
 
 
 @dataclass
@@ -166,7 +174,7 @@ class Config:
                              reset=self.lte.reset, other_params=self.lte.other_params,
                              embeddings=self.lte.embeddings, seed=self.seed,
                              base="fp32" if rank is None else o.base_dtype, activations=o.activations,
-                             velora_subtoken=o.velora_subtoken)
+                             velora_subtoken=o.velora_subtoken, overlap=self.comm.overlap)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LTEConfig.", "lte.")) from None
 
@@ -355,10 +363,31 @@ def validate(cfg: Config) -> None:
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl",
            cfg.dist.backend)
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0", cfg.dist.timeout_s)
+    _check(cfg.dist.emulate_link_mbps >= 0, "dist.emulate_link_mbps", "must be >= 0 (0: off)",
+           cfg.dist.emulate_link_mbps)
+    if cfg.dist.emulate_link_mbps and cfg.mode not in ("ps", "ddp", "diloco"):
+        raise ConfigError(f"dist.emulate_link_mbps slows the links between processes (mode=ps, ddp or diloco); "
+                          f"mode={cfg.mode} runs in one process")
+    _validate_overlap(cfg)
     _check(cfg.dist.ps_device in ("cpu", "cuda"), "dist.ps_device", "must be cpu or cuda", cfg.dist.ps_device)
     if cfg.mode == "lte" and t.batch_size % lt.heads:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into lte.heads={lt.heads} "
                           "equal per-head batches; make it a multiple of lte.heads")
+
+
+def _validate_overlap(cfg: Config) -> None:
+    if not cfg.comm.overlap:
+        return
+    if cfg.mode not in ("lte", "ps"):
+        raise ConfigError(f"comm.overlap runs a round's merge during the next round of LTE heads (mode=lte or ps); "
+                          f"mode={cfg.mode} has none")
+    if cfg.lte.reset == "none":
+        raise ConfigError("comm.overlap cannot run with lte.reset=none: that merge subtracts the factors the heads "
+                          "held at the last merge, which a one-round-stale round did not start from; use lte.reset=b "
+                          "or ab")
+    if cfg.dist.sync_phases:
+        raise ConfigError("dist.sync_phases waits out the workers' compute before each upload, and comm.overlap "
+                          "uploads during compute: set one of them")
 
 
 def _check_worker_options(w: WorkerCfg, cfg: Config, prefix: str) -> None:
@@ -367,6 +396,9 @@ def _check_worker_options(w: WorkerCfg, cfg: Config, prefix: str) -> None:
     check_reset(option, cfg.lte.reset, key=prefix + "activations", reset_key="lte.reset")
     _check(w.velora_subtoken >= 1, prefix + "velora_subtoken", "must be >= 1", w.velora_subtoken)
     _check(w.chunks >= 1, prefix + "chunks", "must be >= 1 (1: no local chunks)", w.chunks)
+    if cfg.comm.overlap and (w.activations != "full" or w.chunks > 1):
+        raise ConfigError(f"comm.overlap runs with {prefix}activations=full and {prefix}chunks=1 only (the carried "
+                          "factors of a round in flight are not built for the other options)")
     if w.chunks > 1 and cfg.train.compile:
         raise ConfigError(f"{prefix}chunks={w.chunks} cannot run with train.compile=true: a chunked round runs "
                           "a different part of the model for each chunk; compile is for whole-model steps")

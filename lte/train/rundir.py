@@ -47,7 +47,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.
 FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
              "eval.", "checkpoint.",
              "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
-             "dist.min_workers")
+             "dist.min_workers", "dist.emulate_link_mbps")
 
 
 class RunInUse(UserError):

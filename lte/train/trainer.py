@@ -9,6 +9,7 @@ clock's (lte.train.clock).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,6 +47,7 @@ class Trainer:
         self.lte = engine.heads is not None
         self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
         self.uploader = Uploader(get_codec(cfg.comm.upload))  # the merge sees the heads as ps workers send them
+        self.ahead = core.Ahead() if cfg.comm.overlap and self.lte else None  # merges one round stale
         self.eval_set = eval_batches(cfg, self.data, self.device)
         self.merges, self.train_s = 0, 0.0
         self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
@@ -62,9 +64,17 @@ class Trainer:
             yield from self.engine.train_round(self.clock.round_steps(self.step))
 
     def end_round(self) -> None:
-        if self.lte:
+        if self.lte and self.ahead is not None:
+            self.ahead.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
+                             settle=self.clock.settles(self.step))
+            self.merges += 1
+        elif self.lte:
             core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader)
             self.merges += 1
+
+    def newest(self):
+        """The model as the merges left it (with comm.overlap the base trails them by one)."""
+        return self.ahead.newest(self.model) if self.ahead is not None else contextlib.nullcontext()
 
     def summary_extra(self) -> dict:
         return {}
@@ -109,7 +119,7 @@ class Trainer:
                        samples_per_s=meter.read(), merges=self.merges)
             pending.clear()
         if clock.evaluates(step):
-            with engine.resident():
+            with engine.resident(), self.newest():
                 self.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
                                           self.cfg.train.precision)
             row.update({f"eval_{k}": v for k, v in self.last_eval.items()})
@@ -146,7 +156,8 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
-        options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe(), self.uploader.describe()])) \
+        options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe(), self.uploader.describe(),
+                                          cfg.comm.describe(downloads=False)])) \
             if self.lte else ""
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}{', ' + options if options else ''}, "
