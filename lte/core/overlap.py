@@ -88,16 +88,12 @@ class Ahead:
             self.carry.drop(model)
         else:
             self.carry.take(model)
-            self._install(base)
+            _copy(base, self.master)
         merge_into(self.master, heads, state.spec, outer=outer)
         if settle:
-            self._install(base)
+            _copy(base, self.master)
         finish_merge(model, optimizer)
         self.carry.restart(model)
-
-    def _install(self, base: dict[str, torch.Tensor]) -> None:
-        for k, t in base.items():
-            t.copy_(self.master[k])
 
     @contextmanager
     def newest(self, model: nn.Module):
@@ -107,11 +103,14 @@ class Ahead:
             return
         base = master_state(model)
         held = {k: t.detach().clone() for k, t in base.items()}
-        with torch.no_grad():
-            self._install(base)
+        _copy(base, self.master)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, t in base.items():
-                    t.copy_(held[k])
+            _copy(base, held)
+
+
+@torch.no_grad()
+def _copy(into: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    for k, t in into.items():
+        t.copy_(source[k])

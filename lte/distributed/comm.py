@@ -241,7 +241,7 @@ class Exchange:
                 for r, t in enumerate(out)]
 
     def _count(self, sent: int, received: int, checkpoint: bool) -> None:
-        if self.rank != self.server:  # the links emulated are the workers' (the server's is taken as wide)
+        if self.link_mbps and self.rank != self.server:  # the workers' links (the server's is taken as wide)
             time.sleep(self.link_s(sent + received))
         if checkpoint:
             self.ckpt_sent, self.ckpt_received = self.ckpt_sent + sent, self.ckpt_received + received

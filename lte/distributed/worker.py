@@ -67,7 +67,8 @@ class Worker:
                              for s in shard_specs(spec, shapes, env.servers)]
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
         # comm.overlap: one thread runs a round's exchange while the next round computes
-        self.background, self.in_flight = ThreadPoolExecutor(1, "lte-overlap"), None
+        self.background = ThreadPoolExecutor(1, "lte-overlap") if cfg.comm.overlap else None
+        self.in_flight = None
         self.carry = core.Carry()  # what the heads keep of a round in flight (empty without overlap)
         self.deltas = ([DeltaStream(protos[self.index].download.nbytes) for protos in self.shard_protos]
                        if cfg.comm.download == "delta" else None)  # per shard: the download it holds

@@ -64,13 +64,14 @@ class Trainer:
             yield from self.engine.train_round(self.clock.round_steps(self.step))
 
     def end_round(self) -> None:
-        if self.lte and self.ahead is not None:
+        if not self.lte:
+            return
+        if self.ahead is not None:
             self.ahead.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
                              settle=self.clock.settles(self.step))
-            self.merges += 1
-        elif self.lte:
+        else:
             core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader)
-            self.merges += 1
+        self.merges += 1
 
     def newest(self):
         """The model as the merges left it (with comm.overlap the base trails them by one)."""
