@@ -6,21 +6,30 @@ outer optimizers and upload codecs, on the language-model default (configs/shake
     python benchmarks/comm_quality.py --preset digits          # the digits ViT
     python benchmarks/comm_quality.py --runs lte-T50-nesterov --keep   # some runs, added to the last report
     python benchmarks/comm_quality.py --steps 40 --runs full,lte-T10 --fresh   # the code path in a minute
+    python benchmarks/comm_quality.py --preset digits --seeds 0,1,2   # each run over 3 seeds: mean, range
 
 A run already finished in --work (benchmarks/results/comm-quality-<preset>/<run>) is read back, not
 run again (lte-train returns a finished run's summary): an interrupted benchmark continues where
 it stopped; --fresh starts every run afresh.
 
 Every run trains the same samples (train.steps at the config's batch) in its own `lte-train`
-process. The LTE runs are mode=lte: N simulated heads merge as the parameter server's workers' heads
-would (tests/test_dist.py holds ps == lte to 1e-5, with an outer optimizer and int4 uploads too), so
-their quality is that of the mode=ps run whose bytes are counted: those come from the parameter
+process, once per seed of --seeds (the seed draws the initial weights, the heads' streams and, on
+the digits, the test split): a run reports the mean over its seeds and their range, and the Pareto
+front is drawn on the means. One seed can mislead by more than the differences measured here: on
+the digits, the same run moved by 4.5 points between seeds.
+
+The lte-* runs are mode=lte: N simulated heads merge as the parameter server's workers' heads would
+(tests/test_dist.py holds ps == lte to 1e-5, with an outer optimizer and int4 uploads too), so their
+quality is that of the mode=ps run whose bytes are counted: those come from the parameter
 server's message layouts for the preset's workers (lte.distributed.protocol, the sizes its byte
 counters count, as tests/test_dist.py checks), the first base download, then every round's upload
-and download. mode=diloco runs as that many processes and reports its own byte counters (one ring
-all-reduce of the model a round). DDP's bytes are what its counting hook adds up for the full-rank
-model over as many ranks, a ring all-reduce of the fp32 gradient every step; full-rank training in
-one process gives DDP's quality (the same global batch and steps).
+and download (full downloads: the lte-* rows do not count comm.download=delta's savings). The ps-*
+runs are mode=ps for real (a server and the preset's workers, nf4 bases, delta downloads, as
+configs/<preset>_lowcomm.yaml) and report the bytes their counters counted. mode=diloco runs as that
+many processes and reports its own byte counters (one ring all-reduce of the model a round).
+DDP's bytes are what its counting hook adds up for the full-rank model over as many ranks, a ring
+all-reduce of the fp32 gradient every step; full-rank training in one process gives DDP's quality
+(the same global batch and steps).
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from statistics import fmean
 
 from common import ROOT, machine, read_metrics, run_train, train_command, write_json
 from lte import core
@@ -43,6 +53,7 @@ from lte.train.report import pyplot
 
 COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work is read back, not run again
 NESTEROV = ["lte.outer=nesterov", "lte.outer_lr=1.0", "lte.outer_momentum=0.5"]
+PS_LOWCOMM = ["worker.base_dtype=nf4", "comm.download=delta"]
 DILOCO_OUTER = ["lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9"]
 RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "full": ["mode=full"],
@@ -65,6 +76,11 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T10-overlap": ["lte.merge_every=10", "comm.overlap=true"],
     "lte-T50-nesterov-int4-overlap": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
                                       "comm.overlap=true"],
+    # mode=ps for real, as configs/<preset>_lowcomm.yaml ships: nf4 workers, delta downloads, bytes counted
+    "ps-T50-nesterov-int4": ["mode=ps", "lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
+                             *PS_LOWCOMM],
+    "ps-T100-nesterov-int4": ["mode=ps", "lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4",
+                              *PS_LOWCOMM],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
     "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }
@@ -94,19 +110,49 @@ def ddp_bytes_per_worker(config: Path, workers: int, steps: int) -> int:
     return steps * per_step
 
 
-def run_one(name: str, config: Path, workers: int, steps: int, work: Path) -> dict:
-    """One run of RUNS; DiLoCo as `workers` processes, whose byte counters it reports."""
-    out_dir = work / name
-    overrides = [*COMMON, *RUNS[name], f"train.steps={steps}", f"out_dir={out_dir}"]
-    nproc = workers if "mode=diloco" in RUNS[name] else None
-    summary = run_train(train_command("--config", config, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
+def processes(name: str, workers: int) -> int | None:
+    """How many processes a run takes (None: one, without torchrun)."""
+    mode = next((o.split("=", 1)[1] for o in RUNS[name] if o.startswith("mode=")), "lte")
+    return {"diloco": workers, "ps": workers + 1}.get(mode)
+
+
+def run_one(name: str, seed: int, config: Path, workers: int, steps: int, work: Path) -> dict:
+    """One seed of a run of RUNS; DiLoCo and mode=ps as processes whose byte counters it reports."""
+    out_dir = work / f"{name}-seed{seed}"
+    overrides = [*COMMON, *RUNS[name], f"seed={seed}", f"train.steps={steps}", f"out_dir={out_dir}"]
+    nproc = processes(name, workers)
+    summary = run_train(train_command("--config", config, *overrides, nproc=nproc), out_dir,
+                        log=work / f"{name}-seed{seed}.log")
     curve = [(r["step"], r["eval_loss"]) for r in read_metrics(out_dir) if "eval_loss" in r]
-    out = {"name": name, "overrides": RUNS[name], "eval_loss": summary["eval"]["loss"],
-           "eval_accuracy": summary["eval"].get("accuracy"), "curve": curve, "train_s": summary["train_s"],
-           "merges": summary["merges"]}
+    out = {"seed": seed, "eval_loss": summary["eval"]["loss"], "eval_accuracy": summary["eval"].get("accuracy"),
+           "curve": curve, "merges": summary["merges"],
+           "train_s": summary.get("train_s", summary["wall_s"])}  # a parameter server reports its wall time
     if nproc:
         out["measured_bytes_per_worker"] = summary["comm"]["bytes_per_step_per_worker"] * summary["steps"]
     return out
+
+
+def over_seeds(name: str, runs: list[dict]) -> dict:
+    """A run's seeds as one row: the mean of each figure, the range of the final quality, and the
+    mean curve (every seed evaluates at the same steps)."""
+    out = {"name": name, "overrides": RUNS[name], "seeds": [r["seed"] for r in runs], "per_seed": runs,
+           "train_s": fmean([r["train_s"] for r in runs]), "merges": runs[0]["merges"],
+           "curve": [(step, fmean([r["curve"][i][1] for r in runs])) for i, (step, _) in enumerate(runs[0]["curve"])]}
+    for metric in ("eval_loss", "eval_accuracy"):
+        values = [r[metric] for r in runs]
+        out[metric] = None if None in values else fmean(values)
+        out[f"{metric}_range"] = None if None in values else [min(values), max(values)]
+    if "measured_bytes_per_worker" in runs[0]:
+        out["measured_bytes_per_worker"] = fmean([r["measured_bytes_per_worker"] for r in runs])
+    return out
+
+
+def spread(r: dict, metric: str) -> str:
+    """A run's mean with its seeds' range, when it has more than one."""
+    if r.get(metric) is None:
+        return "-"
+    low_high = r.get(f"{metric}_range")
+    return f"{r[metric]:.3f}" + (f" ({low_high[0]:.3f}–{low_high[1]:.3f})" if len(r.get("seeds", [0])) > 1 else "")
 
 
 def badness(r: dict, metric: str) -> float:
@@ -126,7 +172,9 @@ def plot(report: dict, png: Path) -> None:
     runs = report["runs"]
     y = "eval_loss" if report["metric"] == "loss" else "eval_accuracy"
     for r in runs:
-        ax.scatter(r["bytes_per_worker"], r[y], color="tab:red" if r["name"] in report["pareto"] else "grey")
+        low, high = r.get(f"{y}_range") or (r[y], r[y])  # the seeds' range as an error bar
+        ax.errorbar(r["bytes_per_worker"], r[y], yerr=[[r[y] - low], [high - r[y]]], fmt="o", capsize=2,
+                    color="tab:red" if r["name"] in report["pareto"] else "grey")
         ax.annotate(r["name"], (r["bytes_per_worker"], r[y]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     front = sorted((r for r in runs if r["name"] in report["pareto"]), key=lambda r: r["bytes_per_worker"])
     ax.plot([r["bytes_per_worker"] for r in front], [r[y] for r in front], color="tab:red", linewidth=1,
@@ -134,7 +182,9 @@ def plot(report: dict, png: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(f"bytes per worker over the run ({report['workers']} workers)")
     ax.set_ylabel(f"final eval {report['metric']}")
-    ax.set_title(f"{report['config']}, {report['steps']} steps ({report['machine']['device']})", fontsize=9)
+    seeds = report.get("seeds", [0])
+    ax.set_title(f"{report['config']}, {report['steps']} steps, mean of {len(seeds)} seed(s) "
+                 f"({report['machine']['device']})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -147,6 +197,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=1500, help="every run's steps (batch 64)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds: each run once per seed")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each uses one thread)")
     parser.add_argument("--work", type=Path, default=None, help="the runs' out_dirs (default: benchmarks/results/)")
     parser.add_argument("--out", type=Path, default=None,
@@ -167,8 +218,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if args.parallel > 1:  # one thread a run: runs side by side must not fight over the cores
         os.environ["OMP_NUM_THREADS"] = "1"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [(n, seed) for n in names for seed in seeds]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda n: run_one(n, config, workers, args.steps, work), names))
+        done = list(pool.map(lambda job: run_one(*job, config, workers, args.steps, work), jobs))
+    results = [over_seeds(n, done[i * len(seeds):(i + 1) * len(seeds)]) for i, n in enumerate(names)]
     ddp = ddp_bytes_per_worker(config, workers, args.steps)
     for r in results:
         if r["name"] == "full":
@@ -179,7 +233,7 @@ def main() -> None:
         r["ddp_over_bytes"] = ddp / r["bytes_per_worker"]
     if args.keep and out.exists():
         earlier = json.loads(out.read_text())
-        if earlier["steps"] == args.steps:
+        if earlier["steps"] == args.steps and earlier.get("seeds", [0]) == seeds:
             results = [r for r in earlier["runs"] if r["name"] not in names] + results
     results.sort(key=lambda r: list(RUNS).index(r["name"]))
     full = next((r for r in results if r["name"] == "full"), None)
@@ -188,7 +242,7 @@ def main() -> None:
         reach = next((step for step, loss in r["curve"] if full is not None and loss <= full["eval_loss"]), None)
         r["samples_to_full_rank_loss"] = None if reach is None else reach * batch
     report = {"benchmark": "comm_quality", "preset": args.preset, "config": str(config.relative_to(ROOT)),
-              "steps": args.steps, "workers": workers, "metric": metric, "machine": machine("cpu"),
+              "steps": args.steps, "seeds": seeds, "workers": workers, "metric": metric, "machine": machine("cpu"),
               "ddp_bytes_per_worker": ddp, "runs": results, "pareto": pareto(results, metric)}
     write_json(out, report)
     plot(report, out.with_suffix(".png"))
@@ -204,9 +258,9 @@ def main() -> None:
             rel = f"{(r['eval_loss'] / full['eval_loss'] - 1) * 100:+.1f}%"
         else:
             rel = f"{(r['eval_accuracy'] - full['eval_accuracy']) * 100:+.1f} points"
-        reach, acc = r["samples_to_full_rank_loss"], r.get("eval_accuracy")
+        reach = r["samples_to_full_rank_loss"]
         front = " (Pareto)" if r["name"] in report["pareto"] else ""
-        print(f"| {r['name']}{front} | {r['eval_loss']:.3f} | {'-' if acc is None else f'{acc:.3f}'} | {rel} | "
+        print(f"| {r['name']}{front} | {spread(r, 'eval_loss')} | {spread(r, 'eval_accuracy')} | {rel} | "
               f"{'-' if reach is None else f'{reach:,}'} | {r['bytes_per_worker'] / 1e6:,.2f} MB | "
               f"{r['ddp_over_bytes']:,.0f}x |")
     print(f"-> {out}")
