@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import ROOT, machine, read_summary, run_train, train_command, write_json
+from common import ROOT, machine, run_train, train_command, write_json
 
 PRESETS = {  # the lowcomm configs and their process counts (a server and the workers)
     "digits": {"config": "digits_lowcomm.yaml", "nproc": 3, "metric": "accuracy", "mbps": "0,0.25"},
@@ -32,11 +32,8 @@ def run_one(config: Path, nproc: int, mbps: float, overlap: bool, steps: int | N
     out_dir = work / name
     overrides = [*COMMON, f"dist.emulate_link_mbps={mbps}", f"comm.overlap={str(overlap).lower()}",
                  f"out_dir={out_dir}", *([f"train.steps={steps}"] if steps else [])]
-    if (out_dir / "summary.json").exists():
-        s = read_summary(out_dir)
-    else:
-        print(f"running {name} ...", flush=True)
-        s = run_train(train_command("--config", config, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
+    print(f"{name} ...", flush=True)
+    s = run_train(train_command("--config", config, *overrides, nproc=nproc), out_dir, log=work / f"{name}.log")
     workers = [r for r in s["comm"]["per_rank"] if r["rank"] >= s["comm"]["servers"]]
     moved = sum(r["bytes_sent"] + r["bytes_received"] for r in workers) / len(workers)
     rounds = s["merges"]
