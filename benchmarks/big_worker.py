@@ -38,8 +38,8 @@ from lte import core
 from lte.models import create_model
 from lte.data.base import DataBundle
 from lte.data.tokens import TokenWindows
-from lte.train.config import config_from_dict
-from lte.train.engine import Engine
+from lte.runtime.config import config_from_dict
+from lte.runtime.engine import Engine
 
 SHAPES = {  # n_layer, n_embd, n_head
     "1b": (16, 2048, 16),

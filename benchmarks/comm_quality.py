@@ -47,8 +47,8 @@ from lte import core
 from lte.data import build_data
 from lte.distributed.protocol import worker_protocols
 from lte.distributed.comm import ring_all_reduce_share
-from lte.train.config import load_config, resolve_heads
-from lte.train.engine import build_model
+from lte.runtime.config import load_config, resolve_heads
+from lte.runtime.model import build_model
 from lte.train.report import pyplot
 
 COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work is read back, not run again

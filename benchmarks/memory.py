@@ -46,9 +46,9 @@ import lte
 from lte import core
 from lte.memory.accounting import SavedTensors
 from lte.models.gpt import gpt
-from lte.train import tasks
-from lte.train.chunks import LocalChunks
-from lte.train.engine import optimizer_step
+from lte.runtime import tasks
+from lte.runtime.chunks import LocalChunks
+from lte.runtime.engine import optimizer_step
 
 
 # ---- models --------------------------------------------------------------------------------------

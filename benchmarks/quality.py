@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, loadavg, machine, read_metrics, read_summary, run_train, train_command, write_json
-from lte.train.config import load_config
+from lte.runtime.config import load_config
 from lte.train.report import eval_curve, pyplot
 
 PRESETS = {

@@ -32,7 +32,7 @@ from common import ROOT, machine, run_train, train_command, write_json
 from lte import core
 from lte.distributed.protocol import worker_protocols
 from lte.models import create_model
-from lte.train.config import load_config, resolve_heads
+from lte.runtime.config import load_config, resolve_heads
 
 CONFIG = ROOT / "configs" / "digits.yaml"
 GPT2 = ROOT / "configs" / "gpt2_tinystories.yaml"

@@ -21,9 +21,9 @@ import torch
 from common import machine, step_times, write_json
 import lte
 from lte.models import create_model
-from lte.train.log import peak_memory
-from lte.train.engine import optimizer_step
-from lte.train.tasks import TrainingLoss
+from lte.runtime.log import peak_memory
+from lte.runtime.engine import optimizer_step
+from lte.runtime.tasks import TrainingLoss
 
 PRESETS = {
     "cpu": dict(model="vit_digits", img_size=8, in_chans=1, num_classes=10, batch=256, heads=4, rank=8,

@@ -6,7 +6,7 @@ them (every run writes them at its end):
 
 A command only: nothing imports this module, so that `lte.export`, the library's function that
 exports a prepared model's merged weights, stays that function (importing a submodule named
-export would rebind the package's attribute to the module). The code is in lte.train.results.
+export would rebind the package's attribute to the module). The code is in lte.runtime.results.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .train.results import load_run, safetensors_bytes, write_hf
-from .train.rundir import atomic_write_bytes
+from .runtime.results import load_run, safetensors_bytes, write_hf
+from .runtime.rundir import atomic_write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from .errors import ConfigError, UserError
 from .models import stated_sizes
-from .train import tasks
+from .runtime import tasks
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, bloc
 
 def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
     """(model with the run's trained weights, in eval mode, and its data's tokenizer)."""
-    from .train.results import load_run as load_model
+    from .runtime.results import load_run as load_model
 
     model, cfg, data = load_model(run_dir, device, weights)
     if data.task != "language_model" or data.tokenizer is None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lte.train.engine import Engine
-from lte.train.trainer import train
+from lte.runtime.engine import Engine
+from lte.single.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

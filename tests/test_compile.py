@@ -7,8 +7,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import lte
 from helpers import DIGITS, small
 from lte.models import create_model
-from lte.train.config import load_config
-from lte.train.trainer import train
+from lte.runtime.config import load_config
+from lte.single.trainer import train
 
 
 def tiny(name):

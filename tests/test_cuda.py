@@ -10,8 +10,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import lte
 from lte.memory import get_format
-from lte.train.config import load_config
-from lte.train.trainer import train
+from lte.runtime.config import load_config
+from lte.single.trainer import train
 from helpers import DIGITS, summary
 from test_compile import tiny, trainable
 from test_dist import ps_against_simulated

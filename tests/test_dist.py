@@ -14,11 +14,11 @@ import torch
 from helpers import (DIGITS, ROOT, assert_same_weights, child_env, config, final, metrics, run_command, small, summary,
                      train_command)
 from lte.core.linear import is_patch_conv
-from lte.core.merge import MergeSpec
+from lte.core.algebra import MergeSpec
 from lte.distributed.shards import shard_specs
 from lte.errors import ConfigError
 from lte.models import create_model
-from lte.train.config import load_config
+from lte.runtime.config import load_config
 
 SMALL = small("train.log_every=10")
 # A tiny character GPT on the embedded tiny Shakespeare, in place of the digits ViT.

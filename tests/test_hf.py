@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import lte  # noqa: E402
 from helpers import DIGITS, config, final, run_command, summary  # noqa: E402
 from lte import core  # noqa: E402
-from lte.train.log import RunLog  # noqa: E402
+from lte.runtime.log import RunLog  # noqa: E402
 from test_dist import ps_against_simulated  # noqa: E402
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -201,7 +201,7 @@ def test_final_safetensors_and_the_export_command(tmp_path):
     code, out = run_command([sys.executable, "-m", "lte.export", "--run", str(tmp_path / "none"), "--format", "hf"])
     assert code == 2 and "not found" in out and "Traceback" not in out
     assert summary(tmp_path)["steps"] == 10
-    import lte.train.results  # noqa: F401  (what the command uses does not rebind lte.export)
+    import lte.runtime.results  # noqa: F401  (what the command uses does not rebind lte.export)
     assert lte.export is core.export
 
 
@@ -211,7 +211,7 @@ class Terminal(io.StringIO):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(tmp_path, monkeypatch):
-    cfg = lte.train.config.load_config(DIGITS, [f"out_dir={tmp_path}", "train.steps=20"])
+    cfg = lte.runtime.config.load_config(DIGITS, [f"out_dir={tmp_path}", "train.steps=20"])
     rows = {10: {"loss": 1.25, "samples_per_s": 300.0}, 20: {"loss": 0.5, "eval_accuracy": 0.75}}
     for screen in (Terminal(), io.StringIO()):
         monkeypatch.setattr(sys, "stdout", screen)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import lte
 from lte.models import create_model
-from lte.train.engine import autocast
-from lte.train.tasks import ChunkedLMLoss, TrainingLoss
+from lte.runtime.engine import autocast
+from lte.runtime.tasks import ChunkedLMLoss, TrainingLoss
 
 VOCAB, T, B = 96, 24, 4
 

@@ -138,7 +138,7 @@ def test_bad_language_model_inputs_are_one_line_errors(tmp_path, capsys, case, o
 
 @pytest.mark.parametrize("name", ["shakespeare_char", "gpt_mini_shakespeare", "gpt2_tinystories"])
 def test_language_model_configs_are_valid(name):
-    from lte.train.config import load_config
+    from lte.runtime.config import load_config
 
     cfg = load_config(config(name))
     assert cfg.model.name.startswith("gpt") and cfg.data.name in ("text", "tokens")

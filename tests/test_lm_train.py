@@ -11,9 +11,9 @@ from helpers import config, final, metrics
 from lte.data.text import embedded_shakespeare
 from lte.models import create_model
 from lte.sample import main as sample_main
-from lte.train.config import load_config
+from lte.runtime.config import load_config
 from lte.train.report import main as report_main
-from lte.train.trainer import train
+from lte.single.trainer import train
 
 SHAKESPEARE = config("shakespeare_char")
 ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 48, "block_size": 32}

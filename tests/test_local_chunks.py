@@ -1,4 +1,4 @@
-"""Local-chunk training (lte.train.chunks): what a chunk runs, trains and caches, checked against the
+"""Local-chunk training (lte.runtime.chunks): what a chunk runs, trains and caches, checked against the
 model's pieces composed by hand; block discovery on timm's ViT and Mixer and a GPT-like list."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ from torch import nn
 
 import lte
 from lte import core
-from lte.train import chunks as chunks_module
-from lte.train.chunks import LocalChunks, find_blocks, split
+from lte.runtime import chunks as chunks_module
+from lte.runtime.chunks import LocalChunks, find_blocks, split
 from test_activations import TinyGPT
 from test_compile import tiny
 

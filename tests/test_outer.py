@@ -6,7 +6,7 @@ from torch import nn
 
 import lte
 from lte import core
-from lte.core.merge import MergeSpec
+from lte.core.algebra import MergeSpec
 
 
 def heads(n=3, r=2, d_in=5, d_out=4, seed=0):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lte
-from lte.core import Ahead, merges_done
+from lte.core import OverlappedMerge, merges_done
 from lte.core.upload import Uploader, get_codec
 from lte.distributed.comm import Exchange
 
@@ -16,7 +16,7 @@ def test_merges_go_into_the_master_ahead_while_the_heads_train_one_merge_behind_
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
     lte.prepare(model, lte.LTEConfig(heads=2, rank=2, alpha=4, overlap=True))  # s = 2
-    ahead, upload = Ahead(), Uploader(get_codec("fp32"))
+    ahead, upload = OverlappedMerge(), Uploader(get_codec("fp32"))
     W, g = model[0].weight.detach().clone(), model[1].weight.detach().clone()  # the master, kept by hand
     copies = model.state_dict(keep_vars=True)["1.weight_heads"]
     carried_g = torch.zeros(2, 5)

@@ -8,8 +8,8 @@ import pytest
 
 from helpers import DIGITS, assert_same_weights, final, metrics, run_command, small, summary, train_command
 from lte.train.cli import main
-from lte.train.config import load_config
-from lte.train.rundir import RunDir
+from lte.runtime.config import load_config
+from lte.runtime.rundir import RunDir
 
 SMALL = small("train.log_every=5", "lte.merge_every=5", "eval.batches=2", "eval.batch_size=64")
 

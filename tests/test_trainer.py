@@ -10,8 +10,8 @@ from helpers import (DIGITS, TINY_VIT, assert_same_weights, config, final, metri
                      train_crashing_at)
 from lte.models import register
 from lte.train.cli import main
-from lte.train.config import load_config
-from lte.train.trainer import train
+from lte.runtime.config import load_config
+from lte.single.trainer import train
 
 
 def quick(tmp_path, *overrides):

@@ -3,7 +3,7 @@ feedback over 20 rounds, and the parameter server's decode path against the simu
 import pytest
 import torch
 
-from lte.core.merge import MergeSpec, lora_delta, merge_into
+from lte.core.algebra import MergeSpec, lora_delta, merge_into
 from lte.core.upload import BLOCK, CODECS, Uploader, through_uploads
 from lte.distributed.comm import Layout
 from lte.distributed.protocol import Protocol
@@ -92,7 +92,7 @@ def test_delta_downloads_reproduce_every_base_and_cost_what_changed():
     """comm.download=delta: the worker's side rebuilds each download bit for bit from the server's
     payloads, in order; a download that differs from the last in 1% of its bytes costs a few
     percent of it, the same download again almost nothing."""
-    from lte.distributed.download import DeltaStream
+    from lte.core.download import DeltaStream
 
     g = torch.Generator().manual_seed(0)
     first = torch.randint(0, 256, (100_000,), dtype=torch.uint8, generator=g)

@@ -16,8 +16,8 @@ from lte.data import TrainBatches, build_data
 from lte.data.vision import Normalize, center_box, random_resized_box
 from lte.errors import ConfigError, DataError
 from lte.train.cli import main
-from lte.train.config import load_config
-from lte.train.trainer import train
+from lte.runtime.config import load_config
+from lte.single.trainer import train
 
 
 def digit_folder(root: Path, classes=4, per_class_train=12, per_class_val=4, size=24) -> Path:

@@ -12,8 +12,8 @@ import lte
 from helpers import DIGITS, config, final, run_command, train_command
 from lte.models import create_model
 from lte.models.torchvision_vit import fused_state_dict, linear_attention
-from lte.train.config import load_config
-from lte.train.trainer import train
+from lte.runtime.config import load_config
+from lte.single.trainer import train
 
 # patch 32 kept (timm's mixer_*32 do not take another), on 64 px images: 4 patches
 TINY = {"vit": {"embed_dim": 16, "depth": 1, "num_heads": 2}, "mixer": {"embed_dim": 16, "num_blocks": 1}}

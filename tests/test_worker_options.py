@@ -10,10 +10,10 @@ from lte import core
 from lte.distributed.protocol import worker_protocols
 from lte.distributed.worker import master_shapes
 from lte.models import create_model
-from lte.train.chunks import LocalChunks
+from lte.runtime.chunks import LocalChunks
 from lte.train.cli import main
-from lte.train.config import load_config, resolve_heads
-from lte.train.trainer import train
+from lte.runtime.config import load_config, resolve_heads
+from lte.single.trainer import train
 from helpers import DIGITS, final, metrics, summary
 from test_dist import run
 

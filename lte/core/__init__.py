@@ -2,17 +2,17 @@
 from .config import LTEConfig
 from .lean import materialize, params_on_meta, seeded_base, unfilled
 from .linear import LinearType, LTELinear, LTEPatchConv, register_linear
-from .merge import MergeSpec, lora_delta, merge_into
+from .algebra import MergeSpec, lora_delta, merge_into
 from .outer import OuterOptimizer
-from .overlap import Ahead, Carry
+from .overlap import OverlappedMerge, CarriedRound
 from .optim import clip_grad_norm_per_head_, cosine_with_warmup, head_grad_norms
-from .prepare import (MERGES_KEY, clear_optimizer_state, export, finish_merge, head_state, is_prepared, load_merged,
+from .inject import (MERGES_KEY, clear_optimizer_state, export, finish_merge, head_state, is_prepared, load_merged,
                       lte_layers, master_state, merge, merges_done, option_state, plan, prepare, reset_heads,
                       restart_heads, set_merges_done, state_of, trained_keys)
 
 __all__ = ["LTEConfig", "materialize", "params_on_meta", "seeded_base", "unfilled", "LinearType", "LTELinear",
            "LTEPatchConv", "register_linear", "MergeSpec", "lora_delta", "merge_into", "OuterOptimizer",
-           "Ahead", "Carry", "clip_grad_norm_per_head_",
+           "OverlappedMerge", "CarriedRound", "clip_grad_norm_per_head_",
            "cosine_with_warmup", "head_grad_norms", "MERGES_KEY", "clear_optimizer_state", "export", "finish_merge",
            "head_state", "is_prepared", "load_merged", "lte_layers", "master_state", "merge", "merges_done",
            "option_state", "plan", "prepare", "reset_heads", "restart_heads", "set_merges_done", "state_of",

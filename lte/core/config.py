@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, fields
 
 from ..errors import ConfigError
-from ..memory import FORMATS, Activations, BaseFormat, check_reset, get_activations, get_format
-from ..memory.activations import DEFAULT_VELORA_SUBTOKEN
+from ..memory import FORMATS, SETTINGS, Activations, BaseFormat, check_reset, get_activations, get_format, with_settings
 
 RESETS = ("b", "none", "ab")
 OTHER_PARAMS = ("replica", "frozen", "replica_all")
@@ -47,9 +47,13 @@ class LTEConfig:
                      every merge) or "velora" (the input kept as sub-tokens of `velora_subtoken`
                      values projected on one vector; every LTE layer's input width must be a multiple
                      of it).
-    velora_subtoken: VeLoRA's sub-token size M.
     overlap:         the heads keep, in their forward, their factors of the round whose merge is
                      in flight (comm.overlap; lte.core.overlap): buffers of the heads' size.
+    and one field per setting the memory options declare (lte.memory.SETTINGS), named by its key:
+    velora_subtoken, VeLoRA's sub-token size M.
+
+    names: how an error names a field (the run config passes its own keys: lte.heads,
+    worker.base_dtype, ...); by default LTEConfig.<field>.
     """
 
     heads: int = 1
@@ -62,41 +66,43 @@ class LTEConfig:
     seed: int = 0
     base: str = "fp32"
     activations: str = "full"
-    velora_subtoken: int = DEFAULT_VELORA_SUBTOKEN
     overlap: bool = False
+    names: InitVar[Mapping[str, str] | None] = None
 
-    def __post_init__(self):
-        _require_int(self, "heads", minimum=1)
-        _require_int(self, "rank", minimum=1)
-        _require_int(self, "seed", minimum=0)
-        _require_int(self, "velora_subtoken", minimum=1)
+    def __post_init__(self, names):
+        def key(name: str) -> str:
+            return (names or {}).get(name, f"LTEConfig.{name}")
+
+        for name, minimum in (("heads", 1), ("rank", 1), ("seed", 0)):
+            _require_int(getattr(self, name), key(name), minimum)
+        for setting in SETTINGS.values():
+            setting.check(getattr(self, setting.key), key(setting.key))
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"LTEConfig.alpha must be a finite number > 0, got {self.alpha!r}")
-        if self.reset not in RESETS:
-            raise ConfigError(f"LTEConfig.reset must be one of {RESETS}, got {self.reset!r}")
-        if self.other_params not in OTHER_PARAMS:
-            raise ConfigError(
-                f"LTEConfig.other_params must be one of {OTHER_PARAMS}, got {self.other_params!r}")
-        if not isinstance(self.patch_conv, bool):
-            raise ConfigError(f"LTEConfig.patch_conv must be true or false, got {self.patch_conv!r}")
-        if not isinstance(self.overlap, bool):
-            raise ConfigError(f"LTEConfig.overlap must be true or false, got {self.overlap!r}")
-        if self.embeddings not in EMBEDDINGS:
-            raise ConfigError(f"LTEConfig.embeddings must be one of {EMBEDDINGS}, got {self.embeddings!r}")
-        if self.base not in FORMATS:
-            raise ConfigError(f"LTEConfig.base must be one of {tuple(FORMATS)}, got {self.base!r}")
-        check_reset(self.activation_option, self.reset, key="LTEConfig.activations")
+            raise ConfigError(f"{key('alpha')} must be a finite number > 0, got {self.alpha!r}")
+        for name, choices in (("reset", RESETS), ("other_params", OTHER_PARAMS), ("embeddings", EMBEDDINGS),
+                              ("base", tuple(FORMATS))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{key(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("patch_conv", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{key(name)} must be true or false, got {getattr(self, name)!r}")
+        option = get_activations(self.activations, self.settings, key=key("activations"))
+        check_reset(option, self.reset, key=key("activations"), reset_key=(names or {}).get("reset", "reset"))
+
+    @property
+    def settings(self) -> dict[str, int]:
+        """The memory options' settings, by key."""
+        return {k: getattr(self, k) for k in SETTINGS}
 
     @property
     def activation_option(self) -> Activations:
         """The activations option object (lte.memory.activations), with its settings."""
-        return get_activations(self.activations, {"velora_subtoken": self.velora_subtoken},
-                               key="LTEConfig.activations")
+        return get_activations(self.activations, self.settings)
 
     def base_format(self) -> BaseFormat:
         """The base format object (lte.memory.base_formats); quantized ones import bitsandbytes."""
-        return get_format(self.base)
+        return get_format(self.base, self.settings)
 
     @property
     def scale(self) -> float:
@@ -107,7 +113,9 @@ class LTEConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _require_int(cfg, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
+LTEConfig = with_settings(LTEConfig, SETTINGS, frozen=True)  # noqa: F811  (the declared settings as fields)
+
+
+def _require_int(value, key: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"LTEConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .init import init_lora_A
-from .prepare import MERGES_KEY, lte_layers, reset_heads, state_of
+from .inject import MERGES_KEY, lte_layers, reset_heads, state_of
 
 
 @contextlib.contextmanager

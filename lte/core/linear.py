@@ -71,7 +71,7 @@ class LTELinear(nn.Module):
             self.lora_A0 = self.lora_B0 = None
         if carry:
             # comm.overlap: each head's factors of the round whose merge is in flight, kept in its
-            # forward until that merge arrives (lte.core.overlap.Carry)
+            # forward until that merge arrives (lte.core.overlap.CarriedRound)
             self.register_buffer("lora_Ac", torch.zeros_like(self.lora_A))
             self.register_buffer("lora_Bc", torch.zeros_like(self.lora_B))
         else:

@@ -13,47 +13,54 @@ merge's change larger and rarer; momentum carries the direction of the previous 
 next ones, which wins back most of what long rounds cost (issue 16's measurements: lr 1.0 and
 momentum 0.5 suit LTE, DiLoCo's lr 0.7 / momentum 0.9 do not carry over). The state is one fp32
 tensor per master tensor, in the shape the merge writes (a layer's out x in matrix), on plain
-tensors, so the simulated trainer and the parameter server step it identically.
+tensors, so the simulated trainer and the parameter server step it identically. Each kind is a
+class in OUTER_OPTIMIZERS (its step from d and m); a new kind is a class and its registry entry.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ConfigError
 
-KINDS = ("none", "sgd", "nesterov")
 
-
-@dataclass
 class OuterOptimizer:
-    """kind: none (apply the merged change as it is) | sgd | nesterov; lr: the outer learning rate;
-    momentum: mu in [0, 1)."""
+    """The outer step of a merge: `OuterOptimizer(kind, lr, momentum)` is the registered class of that
+    kind (none: the merged change applied as it is; sgd; nesterov), lr the outer learning rate and
+    momentum mu in [0, 1). `names` says how an error names the three (the run config: lte.outer,
+    lte.outer_lr, lte.outer_momentum; by default OuterOptimizer.<name>)."""
 
-    kind: str = "none"
-    lr: float = 1.0
-    momentum: float = 0.0
-    momenta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    kind = "none"
+    active = False  # whether merges take this step instead of applying their change as it is
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ConfigError(f"OuterOptimizer.kind must be one of {KINDS}, got {self.kind!r}")
+    def __new__(cls, kind: str = "none", lr: float = 1.0, momentum: float = 0.0, *, names=None):
+        if cls is OuterOptimizer:  # the kind names the class, as pathlib.Path(...) picks its flavour
+            cls = OUTER_OPTIMIZERS.get(kind) if isinstance(kind, str) else None
+            if cls is None:
+                raise ConfigError(f"{_name(names, 'kind')} must be one of {tuple(OUTER_OPTIMIZERS)}, got {kind!r}")
+        return super().__new__(cls)
+
+    def __init__(self, kind: str = "none", lr: float = 1.0, momentum: float = 0.0, *, names=None):
+        self.lr, self.momentum = lr, momentum
+        self.momenta: dict[str, torch.Tensor] = {}
         for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not (low <= value < high) or (name == "lr" and value == 0):
                 rule = "a finite number > 0" if name == "lr" else "a number in [0, 1)"
-                raise ConfigError(f"OuterOptimizer.{name} must be {rule}, got {value!r}")
-        if self.kind == "none" and (self.lr != 1.0 or self.momentum != 0.0):
-            raise ConfigError(f"OuterOptimizer.kind is 'none', so OuterOptimizer.lr ({self.lr}) and "
-                              f"OuterOptimizer.momentum ({self.momentum}) have nothing to act on: choose sgd or "
+                raise ConfigError(f"{_name(names, name)} must be {rule}, got {value!r}")
+        if not self.active and (lr != 1.0 or momentum != 0.0):
+            raise ConfigError(f"{_name(names, 'kind')} is 'none', so {_name(names, 'lr')} ({lr}) and "
+                              f"{_name(names, 'momentum')} ({momentum}) have nothing to act on: choose sgd or "
                               "nesterov, or leave them at 1.0 and 0.0")
 
-    @property
-    def active(self) -> bool:
-        return self.kind != "none"
+    def __repr__(self) -> str:
+        return f"OuterOptimizer(kind={self.kind!r}, lr={self.lr}, momentum={self.momentum})"
+
+    def step(self, change: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The move of a master tensor, from its merged change d and its momentum m (already m <- mu m + d)."""
+        return change
 
     @torch.no_grad()
     def apply(self, name: str, target: torch.Tensor, change: torch.Tensor) -> None:
@@ -62,8 +69,7 @@ class OuterOptimizer:
         if m is None:
             m = self.momenta[name] = torch.zeros(change.shape, dtype=torch.float32, device=change.device)
         m.mul_(self.momentum).add_(change)
-        step = change.add(m, alpha=self.momentum) if self.kind == "nesterov" else m
-        target.add_(step.mul(self.lr).to(target.dtype))
+        target.add_(self.step(change, m).mul(self.lr).to(target.dtype))
 
     def describe(self) -> str:
         return f"outer {self.kind} (lr {self.lr:g}, momentum {self.momentum:g})" if self.active else ""
@@ -81,3 +87,24 @@ class OuterOptimizer:
             raise ConfigError(f"the checkpoint's outer optimizer {saved} differs from this run's "
                               f"{(self.kind, self.lr, self.momentum)}: resume with the settings it was started with")
         self.momenta = {k: v.to(device) for k, v in state["momenta"].items()}
+
+
+class SGD(OuterOptimizer):
+    kind, active = "sgd", True
+
+    def step(self, change, m):
+        return m
+
+
+class Nesterov(OuterOptimizer):
+    kind, active = "nesterov", True
+
+    def step(self, change, m):
+        return change.add(m, alpha=self.momentum)
+
+
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {c.kind: c for c in (OuterOptimizer, SGD, Nesterov)}
+
+
+def _name(names, field: str) -> str:
+    return (names or {}).get(field, f"OuterOptimizer.{field}")

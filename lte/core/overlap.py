@@ -7,13 +7,13 @@ change is merged into the master of round k: one round stale (Streaming DiLoCo's
 
 Stale alone fails LTE: a head restarted on a base without its last round's progress finds that
 progress again, and the merge counts it twice (measured on digits in docs/distributed.md). So each
-head carries its round in flight (`Carry`): its factors stay in its forward beside the new ones
+head carries its round in flight (`CarriedRound`): its factors stay in its forward beside the new ones
 (W + s B_c A_c + s B A: a head of rank r runs at rank 2r) and each replica copy restarts from the
 base's value plus its own change; what the next upload sends is what moved after that. When the
 merge arrives its carried part is dropped, as the new base holds it (averaged with the others').
 
-`Ahead` runs the same in one process (simulated heads): the model's base is what the heads train
-against, `Ahead.master` the master one merge ahead of it. A round that settles (the clock's: a
+`OverlappedMerge` runs the same in one process (simulated heads): the model's base is what the heads train
+against, `OverlappedMerge.master` the master one merge ahead of it. A round that settles (the clock's: a
 checkpoint round and the last) waits for its own merge and carries nothing, so a checkpoint holds
 nothing in flight and a resumed run goes on exactly as an uninterrupted one.
 """
@@ -24,13 +24,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .merge import HEADS_SUFFIX, merge_into
+from .algebra import HEADS_SUFFIX, merge_into
 from .outer import OuterOptimizer
-from .prepare import finish_merge, head_state, lte_layers, master_state, state_of
+from .inject import finish_merge, head_state, lte_layers, master_state, state_of
 from .upload import Uploader, through_uploads
 
 
-class Carry:
+class CarriedRound:
     """What a model's heads carry of their round whose merge is in flight."""
 
     def __init__(self):
@@ -45,7 +45,7 @@ class Carry:
 
     @torch.no_grad()
     def take(self, model: nn.Module) -> None:
-        """Carry the round that just ended (call before the heads reset and before a base is installed)."""
+        """CarriedRound the round that just ended (call before the heads reset and before a base is installed)."""
         references, heads = self.references(model), head_state(model)
         for _, layer in lte_layers(model):
             layer.lora_Ac.copy_(layer.lora_A)
@@ -54,7 +54,7 @@ class Carry:
 
     @torch.no_grad()
     def drop(self, model: nn.Module) -> None:
-        """Carry nothing: the base holds every round."""
+        """CarriedRound nothing: the base holds every round."""
         for _, layer in lte_layers(model):
             if layer.lora_Ac is not None:  # a model prepared without overlap carries nothing
                 layer.lora_Ac.zero_()
@@ -69,10 +69,13 @@ class Carry:
             heads[name + HEADS_SUFFIX].add_(change.to(heads[name + HEADS_SUFFIX].dtype))
 
 
-class Ahead:
+class OverlappedMerge:
+    """Merges one round stale in one process (simulated heads): the heads train against the model's
+    base while `master`, one merge ahead of it, takes their change."""
+
     def __init__(self):
         self.master: dict[str, torch.Tensor] | None = None  # taken from the base at the first merge
-        self.carry = Carry()
+        self.carry = CarriedRound()
 
     @torch.no_grad()
     def merge(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, outer: OuterOptimizer | None,

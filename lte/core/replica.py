@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import BatchError
-from .merge import HEADS_SUFFIX
+from .algebra import HEADS_SUFFIX
 
 
 def replicate(module: nn.Module, name: str, heads: int) -> None:

@@ -13,7 +13,7 @@ fp32 scale (its largest magnitude over the largest code: per-block absmax), or a
 
 The codes are a pure function of the tensor (round to nearest, ties to even), so a simulated run
 (which encodes and decodes each head's tensors in place of sending them) and a parameter-server run
-merge the same values. lte.core.merge takes the decoded tensors as it takes fp32 ones.
+merge the same values. lte.core.algebra takes the decoded tensors as it takes fp32 ones.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from .merge import HEADS_SUFFIX
+from .algebra import HEADS_SUFFIX
 
 BLOCK = 64  # values per scale: 0.5 bit of fp32 scale per value
 

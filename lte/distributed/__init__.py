@@ -1,12 +1,21 @@
 """LTE as a multi-process system: a parameter server and workers (mode=ps), and the DDP and DiLoCo
-baselines (mode=ddp, mode=diloco), over torch.distributed, launched by torchrun or lte-train --nproc-per-node."""
+baselines (mode=ddp, mode=diloco), over torch.distributed, launched by torchrun or lte-train --nproc-per-node;
+and elastic parameter-server runs (lte-train serve / join: elastic).
+
+The parameter server's core (server) and a worker's (worker) are the same whatever carries their
+messages; a transport supplies that: torchrun (one process group, collectives, a sharded server)
+or elastic (a link per worker through the server's door: membership). The messages both sides
+derive from the model are in protocol (and handshake), counted collectives and byte layouts in comm."""
 from __future__ import annotations
 
 import torch
 
-from ..train.config import Config, resolve_heads
+from ..runtime.config import Config, resolve_heads
 from . import env as dist_env
 from .comm import Exchange, PeerError
+from .ddp import run_ddp
+from .diloco import run_diloco
+from .torchrun import TorchrunServer, TorchrunWorker
 
 
 def run_distributed(cfg: Config) -> dict | None:
@@ -34,20 +43,12 @@ def run_distributed(cfg: Config) -> dict | None:
 
 def _run_role(cfg: Config, env, exchange: Exchange) -> dict | None:
     if cfg.mode == "ddp":
-        from .ddp import run_ddp
-
         return run_ddp(cfg, env, exchange)
     if cfg.mode == "diloco":
-        from .diloco import run_diloco
-
         return run_diloco(cfg, env, exchange)
     if env.rank < env.servers:
-        from .server import ParameterServer
-
-        return ParameterServer(cfg, env, exchange).run()
-    from .worker import Worker
-
-    Worker(cfg, env, exchange).run()
+        return TorchrunServer(cfg, env, exchange).run()
+    TorchrunWorker(cfg, env, exchange).run()
     return None
 
 

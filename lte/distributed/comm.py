@@ -34,6 +34,12 @@ def bytes_per_step(per_rank: list[dict], steps: int) -> float:
     return sum(r["bytes_sent"] + r["bytes_received"] for r in per_rank) / len(per_rank) / max(steps, 1)
 
 
+def counter_row(rank: int, sent: int, received: int, checkpoint_sent: int = 0, checkpoint_received: int = 0) -> dict:
+    """One rank's byte counters as a summary reports them (comm.per_rank)."""
+    return {"rank": rank, "bytes_sent": int(sent), "bytes_received": int(received),
+            "checkpoint_bytes_sent": int(checkpoint_sent), "checkpoint_bytes_received": int(checkpoint_received)}
+
+
 def ring_all_reduce_share(world: int, nbytes: int) -> int:
     """What a ring all-reduce of `nbytes` over `world` ranks sends per rank (and receives: the same),
     2 (W-1)/W nbytes: DDP's gradients and DiLoCo's round change are counted so."""
@@ -236,9 +242,7 @@ class Exchange:
         self._run(lambda: dist.gather(mine, out, dst=0), "the final byte count")
         if self.rank != 0:
             return None
-        return [{"rank": r, "bytes_sent": int(t[0]), "bytes_received": int(t[1]),
-                 "checkpoint_bytes_sent": int(t[2]), "checkpoint_bytes_received": int(t[3])}
-                for r, t in enumerate(out)]
+        return [counter_row(r, *t.tolist()) for r, t in enumerate(out)]
 
     def _count(self, sent: int, received: int, checkpoint: bool) -> None:
         if self.link_mbps and self.rank != self.server:  # the workers' links (the server's is taken as wide)

@@ -13,12 +13,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import build_data
-from ..errors import ConfigError, UserError
-from ..train.config import Config
-from ..train.log import say
-from ..train.engine import Engine
-from ..train.rundir import RunDir, Start
-from ..train.trainer import Trainer
+from ..errors import UserError
+from ..runtime.config import Config
+from ..runtime.engine import Engine
+from ..runtime.log import say
+from ..runtime.rundir import RunDir, Start
+from ..single.trainer import Trainer
 from .comm import Exchange, bytes_per_step
 from .env import DistEnv
 
@@ -41,12 +41,10 @@ class DDPTrainer(Trainer):
     (gradients all-reduced every step), and the base of mode=diloco (lte.distributed.diloco)."""
 
     def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange, rundir: RunDir | None):
-        if cfg.train.batch_size % env.world:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {env.world} "
-                              f"{cfg.mode} ranks")
+        per_rank = cfg.train.split(env.world, f"over {env.world} {cfg.mode} ranks")
         data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
         engine = Engine(cfg, data, env.device, heads=None, streams=range(env.rank, env.rank + 1),
-                        per_stream=cfg.train.batch_size // env.world, wrap=self.wrapper(env, exchange))
+                        per_stream=per_rank, wrap=self.wrapper(env, exchange))
         super().__init__(cfg, engine, rundir)
         self.env, self.exchange = env, exchange
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..train.config import Config
+from ..runtime.config import Config
 from .comm import Exchange
 from .ddp import DDPTrainer, run_ddp
 from .env import DistEnv

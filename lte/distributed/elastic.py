@@ -1,9 +1,9 @@
 """Elastic parameter-server runs: `lte-train serve` and `lte-train join`, each its own command.
 
-Workers come and go without stopping the run. The server (ElasticServer, a ParameterServer with
-another way of meeting its workers) owns one Link per worker (lte.distributed.membership) and one
-thread per link that sends that worker its downloads and receives its uploads, so a worker that
-dies or hangs breaks only its own link. The worker slots are the ps mode's worker ranks
+Workers come and go without stopping the run. The server (ElasticServer: the server core of
+lte.distributed.server, with this transport) owns one Link per worker (lte.distributed.membership)
+and one thread per link that sends that worker its downloads and receives its uploads, so a worker
+that dies or hangs breaks only its own link. The worker slots are the ps mode's worker ranks
 (lte.heads / worker.heads of them, each with its heads, data streams and worker.per_rank options);
 a worker joining takes a free slot.
 
@@ -33,16 +33,14 @@ import torch
 
 from .. import core
 from ..errors import UserError
-from ..train.config import Config, resolve_heads
-from ..train.log import RunLog, say
-from .comm import PeerError
-from .download import DeltaStream
-from .env import DistEnv
-from .env import wants_cuda
-from .handshake import DIGEST, Control
+from ..runtime.config import Config, resolve_heads
+from ..runtime.log import say
+from .comm import PeerError, counter_row
+from .env import DistEnv, wants_cuda
+from .handshake import DIGEST
 from .membership import Door, Knock, Link, config_digest, join
-from .server import ParameterServer, Progress, Uploads
-from .worker import Worker
+from .server import Closing, ParameterServer, Progress, Uploads
+from .worker import Route, Worker
 
 HEADER = ("merges", "step", "stop", "accepted")  # server -> worker, before each download
 DOWN = torch.int64
@@ -84,8 +82,8 @@ class Member:
     slot: int
     link: Link
     name: str
+    stream: object = None     # its download stream (lte.core.download): what this worker holds
     replies: queue.Queue = field(default_factory=queue.Queue)
-    delta: DeltaStream | None = None  # comm.download=delta: the download this worker holds
     waiting: bool = True      # it waits for a reply (its upload, or its start, was the last word)
     ready: bool = False       # it has built its model and waits for its first base
     started: bool = False     # it has had its first base
@@ -122,27 +120,22 @@ class ElasticServer(ParameterServer):
     def __init__(self, cfg: Config, host: str, port: int):
         cfg = slots_of(cfg)
         slots = cfg.lte.heads // cfg.worker.heads
-        device = torch.device("cuda" if cfg.dist.ps_device == "cuda" else "cpu")
-        super().__init__(cfg, DistEnv(0, slots + 1, 0, 1, device, "gloo"), exchange=None)
-        self.log: RunLog | None = None
-        if self.start.finished is not None:
-            return  # nothing to serve: the run in out_dir is done
         try:
-            if self.error is not None:
-                raise self.error
+            super().__init__(cfg, torch.device("cuda" if cfg.dist.ps_device == "cuda" else "cpu"), slots,
+                             backend="gloo")
+            if self.start.finished is not None:
+                return  # nothing to serve: the run in out_dir is done
             self.door = Door(host, port, config_digest(cfg), cfg.dist.timeout_s)
         except UserError:
             self.rundir.unlock()
             raise
         self.min_workers = cfg.dist.min_workers or slots
         self.inbox: queue.Queue = queue.Queue()
-        self.joined: dict[int, Member] = {}  # by slot (self.members: the slots of each base format)
+        self.members: dict[int, Member] = {}  # the workers in the run, by slot
         self.records = [SlotRecord() for _ in range(slots)]
         self.on_time: dict[int, torch.Tensor] = {}  # this round's uploads, by slot
+        self.merged = torch.zeros(slots, dtype=torch.int64)  # the slots the last merge took
         self.stopping = False
-        if self.start.state is not None:
-            for record, saved in zip(self.records, self.start.state.get("elastic", [])):
-                vars(record).update(saved)
         say(f"lte-train serve: listening on {host}:{self.door.port} for {slots} worker slot(s); "
             f"join with: lte-train join --server {host}:{self.door.port} --config ... (same config)")
 
@@ -154,28 +147,28 @@ class ElasticServer(ParameterServer):
                 self.door.refuse(knock, reason)
                 self._say(f"refused worker {knock.name!r} (request {knock.ticket}): {reason}")
                 continue
-            slot = knock.slot if knock.slot is not None else min(set(range(len(self.records))) - set(self.joined))
+            slot = knock.slot if knock.slot is not None else min(set(range(len(self.records))) - set(self.members))
             try:
                 link = self.door.admit(knock, slot)
             except PeerError as exc:
                 self._say(f"worker {knock.name!r} left while joining ({exc})")
                 continue
-            member = self.joined[slot] = Member(slot, link, knock.name)
-            if self.cfg.comm.download == "delta":  # per worker: each holds the version it was last sent
-                member.delta = DeltaStream(self.protos[slot].download.nbytes)
+            # per worker: each holds the download sequence it was sent (it may have joined late)
+            stream = self.cfg.comm.download_strategy().stream(self.protos[slot].download.nbytes)
+            member = self.members[slot] = Member(slot, link, knock.name, stream)
             self.records[slot].joins += 1
             threading.Thread(target=self._talk, args=(member,), daemon=True, name=f"lte-link-{slot + 1}").start()
-            self._say(f"worker {knock.name!r} joined as rank {slot + 1} ({len(self.joined)} of "
+            self._say(f"worker {knock.name!r} joined as rank {slot + 1} ({len(self.members)} of "
                       f"{len(self.records)} slots filled)")
 
     def _slot_problem(self, knock: Knock) -> str | None:
         if self.stopping:
             return "the run is ending"
         if knock.slot is None:
-            return None if len(self.joined) < len(self.records) else f"all {len(self.records)} worker slots are taken"
+            return None if len(self.members) < len(self.records) else f"all {len(self.records)} worker slots are taken"
         if not 0 <= knock.slot < len(self.records):
             return f"slot {knock.slot} does not exist (this run has slots 0..{len(self.records) - 1})"
-        return f"slot {knock.slot} is taken" if knock.slot in self.joined else None
+        return f"slot {knock.slot} is taken" if knock.slot in self.members else None
 
     def _talk(self, m: Member) -> None:
         """A member's thread: each reply the main loop gives, then the worker's next upload."""
@@ -188,10 +181,8 @@ class ElasticServer(ParameterServer):
             while True:
                 header, download = m.replies.get()
                 m.link.send(header, "a download header")
-                if m.delta is None:
-                    m.link.send(download, "a download")
-                else:
-                    m.link.send_sized(m.delta.encode(download), "a download")
+                payload = m.stream.encode(download)
+                (m.link.send_sized if m.stream.sized else m.link.send)(payload, "a download")
                 if header[2]:  # stop: the worker answers with the digest of the base it holds
                     self.inbox.put((m, "digest", m.link.recv(DIGEST.empty(), "the final base check")))
                     return
@@ -229,9 +220,9 @@ class ElasticServer(ParameterServer):
         return m, kind, payload
 
     def _leave(self, m: Member, why: str, progress: Progress) -> None:
-        if self.joined.get(m.slot) is not m:
+        if self.members.get(m.slot) is not m:
             return
-        del self.joined[m.slot]
+        del self.members[m.slot]
         record = self.records[m.slot]
         record.sent, record.received = record.sent + m.link.received, record.received + m.link.sent
         if m.started and not m.waiting and not self.stopping:
@@ -250,74 +241,45 @@ class ElasticServer(ParameterServer):
             if self.start.finished is not None:
                 return self.start.finished
             state = self.start.state or {}
-            control = Control(resume=bool(state), step=state.get("step", 0), merges=state.get("merges", 0))
-            return self.train(control)
+            return self.train(state.get("step", 0), state.get("merges", 0), resume=bool(state))
         finally:
             self.rundir.unlock()
 
-    def begin(self, control: Control) -> Progress:
-        state = self.start.state or {}
-        if control.resume:
-            torch.set_rng_state(state["rng"])
-        self._accepted = torch.zeros(self.workers, dtype=torch.int64)
-        progress = Progress.resumed(control, state)
-        self.last_download = self.encode(torch.ones(self.workers, dtype=torch.int64))
-        self.log = RunLog.for_run(self.cfg, self.rundir.path, start=control.step)
-        if control.resume:
-            self.log.say(f"resumed from {self.start.path} at step {control.step}")
-        self.log.say(self.describe())
+    def resume(self, progress: Progress) -> None:
+        for record, saved in zip(self.records, self.start.state.get("elastic", [])):
+            vars(record).update(saved)
+
+    def open(self, progress: Progress) -> None:
+        """Wait for dist.min_workers to be ready, then start the first round."""
         deadline = time.perf_counter() + self.cfg.dist.timeout_s
-        while sum(m.ready for m in self.joined.values()) < self.min_workers:
+        while sum(m.ready for m in self.members.values()) < self.min_workers:
             if time.perf_counter() > deadline:
-                raise UserError(f"only {sum(m.ready for m in self.joined.values())} worker(s) joined and started "
+                raise UserError(f"only {sum(m.ready for m in self.members.values())} worker(s) joined and started "
                                 f"within dist.timeout_s="
                                 f"{self.cfg.dist.timeout_s:g}s; dist.min_workers={self.min_workers}")
             self.pump(progress, 0.1)
         self.open_round(progress)
-        progress.round_end = time.perf_counter()
-        return progress
 
     def open_round(self, progress: Progress) -> None:
         """Send the current base to every member waiting for it (the round's members)."""
-        for m in self.joined.values():
+        for m in self.members.values():
             if m.waiting and m.ready:
-                self.reply(m, progress, accepted=m.slot in self.on_time and bool(self._accepted[m.slot]))
+                self.reply(m, progress, accepted=m.slot in self.on_time and bool(self.merged[m.slot]))
         self.on_time, self.opened = {}, time.perf_counter()
 
-    def round(self, progress: Progress) -> None:
-        steps = self.clock.round_steps(progress.step)
-        uploads = self.collect_uploads(progress)
-        t1 = time.perf_counter()
-        self.merge(uploads, progress)
-        for slot, ok in enumerate(uploads.accepted):
-            if ok:
-                self.records[slot].contributed.append(progress.merges + 1)
-        self.last_download = self.encode(uploads.accepted)
-        t2 = time.perf_counter()
-        progress.step, progress.merges = progress.step + steps, progress.merges + 1
-        self._accepted = uploads.accepted
-        if progress.step < self.cfg.train.steps:  # the last round's members get the base with the order to stop
-            self.open_round(progress)
-        t3 = time.perf_counter()
-        times = {"upload_s": uploads.seconds, "merge_s": t2 - t1, "download_s": t3 - t2}
-        self.log_round(progress, uploads, times, steps, t3)
-        if self.clock.checkpoints(progress.step):
-            self.checkpoint(progress)
-        progress.round_end = time.perf_counter()
-
-    def collect_uploads(self, progress: Progress) -> Uploads:
+    def collect(self, progress: Progress) -> Uploads:
         """This round's uploads: every member's, or at the deadline the ones that came."""
         limit = self.cfg.dist.round_deadline_s
         quiet_since = time.perf_counter()
         while True:
             now = time.perf_counter()
-            due = [s for s, m in self.joined.items() if m.started and s not in self.on_time]
+            due = [s for s, m in self.members.items() if m.started and s not in self.on_time]
             if self.on_time and (not due or (limit and now - self.opened >= limit)):
                 break
-            if not self.joined and now - quiet_since > self.cfg.dist.timeout_s:
+            if not self.members and now - quiet_since > self.cfg.dist.timeout_s:
                 raise UserError(f"every worker has left and none joined within dist.timeout_s="
                                 f"{self.cfg.dist.timeout_s:g}s")
-            if self.joined:
+            if self.members:
                 quiet_since = now
             if not due and not self.on_time:  # nobody is training this round: start the ones waiting
                 self.open_round(progress)
@@ -325,25 +287,33 @@ class ElasticServer(ParameterServer):
         views: list = [None] * self.workers
         for slot, buf in self.on_time.items():
             views[slot] = self.protos[slot].upload.unpack(buf)
-        accepted = torch.tensor([int(v is not None and p.finite(v)) for p, v in zip(self.protos, views)])
-        return Uploads(views, accepted, time.perf_counter() - self.opened)
+        return self.uploads(views, time.perf_counter() - self.opened)
 
-    def checkpoint(self, progress: Progress, **extra) -> None:
+    def deliver(self, uploads: Uploads, progress: Progress) -> None:
+        """The round's members get the new base; the last round's get it with the order to stop (close)."""
+        for slot, ok in enumerate(uploads.accepted):
+            if ok:
+                self.records[slot].contributed.append(progress.merges)
+        self.merged = uploads.accepted
+        if progress.step < self.cfg.train.steps:
+            self.open_round(progress)
+
+    def checkpoint_parts(self, progress: Progress, final: bool) -> dict:
         records = [dict(vars(r)) for r in self.records]
-        for slot, m in self.joined.items():  # the bytes of links still open, so far
+        for slot, m in self.members.items():  # the bytes of links still open, so far
             records[slot]["sent"] += m.link.received
             records[slot]["received"] += m.link.sent
-        self.rundir.save_checkpoint({**self.run_state(progress), "elastic": records, **extra}, progress.step)
+        return {"elastic": records}
 
-    def finish(self, progress: Progress) -> dict:
+    def close(self, progress: Progress) -> Closing:
         """Stop every member (the late ones once their upload is in) and check the base each holds."""
         self.stopping, digests = True, {}
-        pending = dict(self.joined)
+        pending = dict(self.members)
         deadline = time.perf_counter() + self.cfg.dist.timeout_s
         while pending and time.perf_counter() < deadline:
             for slot, m in list(pending.items()):
                 if m.waiting:
-                    self.reply(m, progress, accepted=bool(self._accepted[slot]), stop=True)
+                    self.reply(m, progress, accepted=bool(self.merged[slot]), stop=True)
                     m.waiting = None  # stopped: only its digest (or its leaving) is still to come
             event = self.pump(progress, 0.05)
             if event is not None and event[1] in ("digest", "gone") and pending.get(event[0].slot) is event[0]:
@@ -351,55 +321,47 @@ class ElasticServer(ParameterServer):
                 if event[1] == "digest":
                     digests[event[0].slot] = int(DIGEST.unpack(event[2])["digest"][0])
         mismatched = [s + 1 for s, d in digests.items() if d != self.expected_digest(s)]
-        for m in list(self.joined.values()):
+        for m in list(self.members.values()):
             self._leave(m, "the run ended", progress)
-        summary = self.summarize(progress, self._counters(), mismatched)
-        summary["elastic"] = [r.describe(s) for s, r in enumerate(self.records)]
-        self.rundir.write_results(summary, self.model.state_dict(), self.model, self.data)
-        self.checkpoint(progress, finished=True, summary=summary)
-        self.log.finish(summary)
-        contributed = ", ".join(f"rank {s + 1}: {len(r.contributed)}" for s, r in enumerate(self.records))
-        self.log.say(f"summary: eval {progress.last_eval}, {progress.merges} merges ({contributed} contributed), "
-                     f"{summary['comm']['bytes_per_step_per_worker']:,.0f} bytes per step per worker")
-        return summary
+        return Closing(mismatched, self.counters(), self.checkpoint_parts(progress, final=True),
+                       summary={"elastic": [r.describe(s) for s, r in enumerate(self.records)]})
 
-    def _counters(self) -> list[dict]:
+    def counters(self) -> list[dict]:
         """Bytes per worker slot as the server counted them on its links (what the worker sent is
         what the server received), and the server's own totals as rank 0."""
-        rows = [{"rank": s + 1, "bytes_sent": r.sent, "bytes_received": r.received, "checkpoint_bytes_sent": 0,
-                 "checkpoint_bytes_received": 0} for s, r in enumerate(self.records)]
-        rows.insert(0, {"rank": 0, "bytes_sent": sum(r["bytes_received"] for r in rows),
-                        "bytes_received": sum(r["bytes_sent"] for r in rows), "checkpoint_bytes_sent": 0,
-                        "checkpoint_bytes_received": 0})
-        return rows
+        rows = [counter_row(s + 1, r.sent, r.received) for s, r in enumerate(self.records)]
+        return [counter_row(0, sum(r["bytes_received"] for r in rows), sum(r["bytes_sent"] for r in rows))] + rows
 
 
 # the worker -------------------------------------------------------------------------------------
 class ElasticWorker(Worker):
     """A ps worker that joined through the door: it trains each round against the base the server
-    last sent, whatever the round's number, and stops when the server says so."""
+    last sent, whatever the round's number, and stops when the server says so. Its link is its one
+    route (an elastic run has one server process)."""
 
     def __init__(self, cfg: Config, link: Link, slot: int, device: torch.device):
         slots = cfg.lte.heads // cfg.worker.heads
-        super().__init__(cfg, DistEnv(slot + 1, slots + 1, 0, 1, device, "gloo"), link)
+        super().__init__(cfg, DistEnv(slot + 1, slots + 1, 0, 1, device, "gloo"))
         if self.error is not None:
             raise self.error
-        self.links = [(link, None)]  # the link is the whole exchange
+        self.link = link
+        self.routes = [Route(link, None, self.protos)]
 
     def run(self) -> None:
         first = True
         while True:
-            header = dict(zip(HEADER, (int(v) for v in self.exchange.recv(torch.empty(len(HEADER), dtype=DOWN),
-                                                                          "a download header"))))
-            self.install(header, first)
+            header = dict(zip(HEADER, (int(v) for v in self.link.recv(torch.empty(len(HEADER), dtype=DOWN),
+                                                                      "a download header"))))
+            self.take_download(header, first)
             first = False
             if header["stop"]:
-                return self.finish()
+                self.send_digests()  # the server keeps no worker state: no state upload, no counters
+                return
             loss, compute_s = self.train_round()
-            self.exchange.send(torch.tensor([header["merges"]], dtype=DOWN), "an upload header")
+            self.link.send(torch.tensor([header["merges"]], dtype=DOWN), "an upload header")
             self.upload(header["merges"] + 1, loss, compute_s)
 
-    def install(self, header: dict, first: bool) -> None:
+    def take_download(self, header: dict, first: bool) -> None:
         """The server's base, then the heads for the round: afresh on joining; else as a ps worker's
         after a merge (restarted when its upload was dropped as late, or rejected). The merge count
         and the step are the server's, whichever rounds this worker missed."""
@@ -413,9 +375,6 @@ class ElasticWorker(Worker):
             self.start_next_round(bool(header["accepted"]))
         self.engine.seek(header["step"])
         model.train()
-
-    def finish(self) -> None:
-        self.send_digests()  # the server keeps no worker state: no state upload, no counters
 
 
 # the commands -----------------------------------------------------------------------------------

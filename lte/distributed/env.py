@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from ..train.config import Config
+from ..runtime.config import Config
 
 
 @dataclass

@@ -22,13 +22,15 @@ import hashlib
 
 import torch
 
+from ..core import lte_layers
 from ..core.init import init_lora_A
-from ..core.merge import HEADS_SUFFIX, MergeSpec, key
-from ..core.upload import CODECS, UploadCodec, Uploader, as_changes, as_values, get_codec
+from ..core.algebra import HEADS_SUFFIX, MergeSpec, key
+from ..core.upload import CODECS, UploadCodec, Uploader, as_changes, as_values
 from ..memory import Activations, BaseFormat
 from .comm import Layout
 
 STATS = ("loss", "compute_s")  # what each worker reports about its round
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state of a trained tensor, shaped like it (and its "step" count)
 
 
 def head_shapes(spec: MergeSpec, master_shapes: dict[str, tuple[int, ...]], heads: int, rank: int) -> dict:
@@ -88,14 +90,33 @@ class Protocol:
         activations option's buffers, RNG and byte counters."""
         state = [(k, s, torch.float32) for k, s in self.heads.items()]
         for k in self.trained:
-            state += [(f"{k}.exp_avg", self.heads[k], torch.float32), (f"{k}.exp_avg_sq", self.heads[k], torch.float32),
-                      (f"{k}.step", (), torch.float32)]
+            state += [(f"{k}.{m}", self.heads[k], torch.float32) for m in MOMENTS] + [(f"{k}.step", (), torch.float32)]
         state += [(k, s, torch.float32) for k, s in self.option_state]
         if self.codec.lossy:  # the error-feedback residual of every uploaded tensor
             state += [(f"{k}.residual", self.heads[k], torch.float32) for k in self.uploaded]
         state.append(("rng", (torch.get_rng_state().numel(),), torch.uint8))
         state.append(("comm", (4,), torch.int64))  # the worker's byte counters (Exchange.snapshot)
         return state
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, heads: dict[str, torch.Tensor]
+                        ) -> dict[str, torch.Tensor]:
+        """The optimizer's state of every trained head tensor, named as in the state layout (zeros
+        for a tensor not stepped yet)."""
+        out = {}
+        for k in self.trained:
+            st = optimizer.state.get(heads[k], {})
+            out.update({f"{k}.{m}": st.get(m, torch.zeros_like(heads[k])) for m in MOMENTS})
+            out[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
+        return out
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, heads: dict[str, torch.Tensor],
+                             views: dict[str, torch.Tensor]) -> None:
+        """Install what optimizer_state gave (unpacked from a state message) back into the optimizer."""
+        fused = bool(optimizer.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
+        for k in self.trained:
+            p = heads[k]
+            optimizer.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
+                                  **{m: views[f"{k}.{m}"].clone().to(p.device) for m in MOMENTS}}
 
     def encode_upload(self, heads: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
                       uploader: Uploader) -> dict[str, torch.Tensor]:
@@ -126,6 +147,7 @@ class Protocol:
             out[k] = torch.empty(self.heads[k])
             init_lora_A(out[k], layer, seed, first_head, draw=draw)
         return out
+
     def encode_base(self, master: dict[str, torch.Tensor], accepted: torch.Tensor) -> torch.Tensor:
         """The download buffer: the base re-quantized from the fp32 master, merged replicas, accepted mask."""
         tensors = {"accepted": accepted.to(torch.int64)}
@@ -148,10 +170,8 @@ class Protocol:
 
     def worker_base(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """A prepared model's installed base, keyed as in the download."""
-        from .. import core
-
         out = {}
-        for path, layer in core.lte_layers(model):
+        for path, layer in lte_layers(model):
             for part, tensor in layer.payload().items():
                 out[_payload_key(path, part)] = tensor
         sd = model.state_dict()
@@ -177,7 +197,7 @@ def worker_protocols(cfg, spec: MergeSpec, master_shapes: dict[str, tuple[int, .
         heads_cfg = cfg.lte_config(w + 1)
         out.append(Protocol(spec, master_shapes, local_heads=cfg.worker.heads, rank=cfg.lte.rank,
                             fmt=heads_cfg.base_format(), workers=workers, activations=heads_cfg.activation_option,
-                            chunks=cfg.worker_options(w + 1).chunks, codec=get_codec(cfg.comm.upload),
+                            chunks=cfg.worker_options(w + 1).chunks, codec=cfg.comm.codec(),
                             overlap=cfg.comm.overlap))
     return out
 

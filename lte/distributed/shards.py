@@ -22,9 +22,8 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
-from ..core.merge import MergeSpec, key
+from ..core.algebra import MergeSpec, key
 from ..errors import ConfigError
 from .comm import Exchange, Layout
 
@@ -48,7 +47,7 @@ def shard_specs(spec: MergeSpec, shapes: dict[str, tuple[int, ...]], servers: in
 
 
 @dataclasses.dataclass
-class Links:
+class Channels:
     """What a rank talks over: per shard, the Exchange between that shard and the workers and its
     groups per base format (worker ranks by format); `servers` the group of the shards (None: one)."""
 
@@ -57,7 +56,7 @@ class Links:
     servers: "dist.ProcessGroup | None"
 
 
-def make_links(exchange: Exchange, servers: int, workers: int, members: list[list[int]]) -> Links:
+def make_channels(exchange: Exchange, servers: int, workers: int, members: list[list[int]]) -> Channels:
     """Every rank calls this at the same point with the same arguments (new_group's rule);
     `members`: the worker numbers (1..) storing each base format. With one server, the default
     group and today's format groups, as before sharding."""
@@ -71,42 +70,49 @@ def make_links(exchange: Exchange, servers: int, workers: int, members: list[lis
         groups.append([None] if len(by_format) == 1 and servers == 1 else
                       [group] if len(by_format) == 1 else ex.groups(by_format))
     group = None if servers == 1 else dist.new_group(list(range(servers)), timeout=exchange.timeout)
-    return Links(exchanges, groups, group)
+    return Channels(exchanges, groups, group)
 
 
-def agree(accepted: torch.Tensor, links: Links) -> torch.Tensor:
-    """The workers every shard accepts (a worker non-finite on one shard is left out of all)."""
-    if links.servers is None:
+def agree(accepted: torch.Tensor, servers: "dist.ProcessGroup | None") -> torch.Tensor:
+    """The workers every shard accepts (a worker non-finite on one shard is left out of all);
+    `servers`: the group of the shards (None: one server)."""
+    if servers is None:
         return accepted
-    dist.all_reduce(accepted, op=dist.ReduceOp.MIN, group=links.servers)
+    dist.all_reduce(accepted, op=dist.ReduceOp.MIN, group=servers)
     return accepted
 
 
-def gather_master(master: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int, links: Links) -> None:
+def gather_master(master: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+                  servers: "dist.ProcessGroup | None") -> None:
     """Bring every shard's master tensors into shard 0's copy of the model (for its evaluation and
     results): shard k sends its tensors in one buffer. Server-internal traffic: not counted."""
-    if links.servers is None:
+    if servers is None:
         return
     for k in range(1, len(specs)):
         names = specs[k].master_keys()
         layout = Layout([(n, tuple(master[n].shape), master[n].dtype) for n in names])
         if shard == k:
-            dist.send(layout.pack({n: master[n].detach().cpu() for n in names}), dst=0, group=links.servers)
+            dist.send(layout.pack({n: master[n].detach().cpu() for n in names}), dst=0, group=servers)
         elif shard == 0:
             buf = layout.empty()
-            dist.recv(buf, src=k, group=links.servers)
+            dist.recv(buf, src=k, group=servers)
             with torch.no_grad():
                 for n, t in layout.unpack(buf).items():
                     master[n].copy_(t)
 
 
-def save_shard(path, tensors: dict[str, torch.Tensor], shard: int, links: Links) -> None:
+def save_shard(path, tensors: dict[str, torch.Tensor], shard: int, servers: "dist.ProcessGroup") -> None:
     """Shard `shard`'s tensors into the checkpoint folder `path` (all shards call it together)."""
-    dcp.save({f"shard{shard}": tensors}, checkpoint_id=str(path), process_group=links.servers)
+    import torch.distributed.checkpoint as dcp  # here: importing it costs most of a second, every process
+
+    dcp.save({f"shard{shard}": tensors}, checkpoint_id=str(path), process_group=servers)
 
 
-def load_shard(path, template: dict[str, torch.Tensor], shard: int, links: Links) -> dict[str, torch.Tensor]:
+def load_shard(path, template: dict[str, torch.Tensor], shard: int, servers: "dist.ProcessGroup"
+               ) -> dict[str, torch.Tensor]:
     """Shard `shard`'s tensors from `path`, into tensors shaped as `template`."""
+    import torch.distributed.checkpoint as dcp  # here: importing it costs most of a second, every process
+
     state = {f"shard{shard}": {k: v.detach().clone() for k, v in template.items()}}
-    dcp.load(state, checkpoint_id=str(path), process_group=links.servers)
+    dcp.load(state, checkpoint_id=str(path), process_group=servers)
     return state[f"shard{shard}"]

@@ -1,32 +1,36 @@
-"""A worker of the parameter-server mode: k local heads against a base in its worker.base_dtype.
+"""A parameter-server worker's core: k local heads against a base in its worker.base_dtype, whatever
+carries its messages.
 
 It trains its heads for a round of lte.merge_every steps on its own batch streams (step by step,
-or chunk by chunk with worker.chunks > 1), uploads the factors, and installs what the server
-sends back: the re-quantized base, the merged replicas and, when the server rejected its update,
+or chunk by chunk with worker.chunks > 1), uploads the factors, and installs what the server sends
+back: the re-quantized base, the merged replicas and, when the server did not merge its update,
 the order to restart its heads. Its options are worker.* with its worker.per_rank overrides.
+
+It talks to each server shard over a Route: something with the worker's side of an Exchange
+(gather: send to the server; broadcast, broadcast_sized: receive from it), the group of its base
+format, and the messages of that shard. The transports (lte.distributed.torchrun, elastic) make
+the routes and run the loop.
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 from .. import core, faults
-from ..core.merge import key
+from ..core.algebra import key
 from ..core.upload import Uploader
 from ..data import build_data
 from ..errors import UserError
 from ..memory import check_runs_on
-from ..train.clock import RoundClock
-from ..train.config import Config
-from ..train.engine import Engine
-from .comm import Exchange
-from .download import DeltaStream
+from ..runtime.clock import RoundClock
+from ..runtime.config import Config
+from ..runtime.engine import Engine
 from .env import DistEnv
-from .handshake import DIGEST, Control, hello
-from .protocol import format_groups, worker_protocols
-from .shards import make_links, shard_specs
+from .handshake import DIGEST
+from .protocol import Protocol, worker_protocols
+from .shards import shard_specs
 
 
 def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -38,15 +42,27 @@ def master_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class Route(NamedTuple):
+    """The way to one server shard: its exchange (or link), the group of this worker's base format,
+    and every worker's messages with that shard."""
+
+    exchange: object
+    group: object
+    protos: list[Protocol]
+
+
 class Worker:
-    def __init__(self, cfg: Config, env: DistEnv, exchange: Exchange):
-        self.cfg, self.env, self.exchange = cfg, env, exchange
+    """What every ps worker does. `self.routes` (one per server shard) is the transport's to set."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
         self.index = env.worker - 1                       # worker index (rank - dist.servers)
         self.options = cfg.worker_options(env.worker)
         k, n = cfg.worker.heads, cfg.lte.heads
         self.heads = range(self.index * k, (self.index + 1) * k)  # global head indices
         self.error: UserError | None = None
         self.clock = RoundClock.of(cfg)
+        self.routes: list[Route] = []
         try:
             heads_cfg = cfg.lte_config(env.worker)
             check_runs_on(heads_cfg.base_format(), env.device)
@@ -66,49 +82,31 @@ class Worker:
         self.shard_protos = [worker_protocols(cfg, s, shapes, workers) if env.servers > 1 else self.protos
                              for s in shard_specs(spec, shapes, env.servers)]
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
-        # comm.overlap: one thread runs a round's exchange while the next round computes
-        self.background = ThreadPoolExecutor(1, "lte-overlap") if cfg.comm.overlap else None
-        self.in_flight = None
-        self.carry = core.Carry()  # what the heads keep of a round in flight (empty without overlap)
-        self.deltas = ([DeltaStream(protos[self.index].download.nbytes) for protos in self.shard_protos]
-                       if cfg.comm.download == "delta" else None)  # per shard: the download it holds
+        self.carry = core.CarriedRound()  # what the heads keep of a round in flight (empty without overlap)
+        download = cfg.comm.download_strategy()  # per shard: the download sequence this worker holds
+        self.streams = [download.stream(protos[self.index].download.nbytes) for protos in self.shard_protos]
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         # looked up each time: local chunks move buffers between host and device
         return core.head_state(self.engine.model)
 
-    # messages ----------------------------------------------------------------------------
-    def hello(self) -> Control:
-        size = sum(protos[self.index].upload.nbytes for protos in self.shard_protos) if self.error is None else 0
-        control = hello(self.exchange, self.error, size, f"worker rank {self.env.worker}")
-        if not control.finished:  # the server makes the same groups at the same point
-            formats, members = format_groups(self.protos)
-            links = make_links(self.exchange, self.env.servers, len(self.protos), members)
-            mine = formats.index(self.proto.fmt.name)
-            self.links = [(ex, groups[mine]) for ex, groups in zip(links.exchanges, links.format_groups)]
-        return control
-
-    def shards(self):
-        """Per server shard: its exchange, the group of this worker's base format, and its messages."""
-        return [(ex, group, protos) for (ex, group), protos in zip(self.links, self.shard_protos)]
-
+    # the downloads -----------------------------------------------------------------------
     def receive_base(self, what: str) -> bool:
         """Install the server's base and merged replicas (each shard's part); whether this worker's
         last upload was accepted (the shards agree on it)."""
         return self.install_base(self.receive_downloads(what))
 
     def receive_downloads(self, what: str) -> list[torch.Tensor]:
-        """Each shard's download as its layout lays it out (rebuilt from its change under comm.download=delta)."""
+        """Each shard's download as its layout lays it out (decoded by this worker's download stream)."""
         out = []
-        for k, (ex, group, protos) in enumerate(self.shards()):
-            if self.deltas is None:
-                out.append(ex.broadcast(protos[self.index].download.empty(), what, group=group))
-            else:
-                out.append(self.deltas[k].decode(ex.broadcast_sized(None, what, group=group)))
+        for (ex, group, protos), stream in zip(self.routes, self.streams):
+            payload = (ex.broadcast_sized(None, what, group=group) if stream.sized
+                       else ex.broadcast(protos[self.index].download.empty(), what, group=group))
+            out.append(stream.decode(payload))
         return out
 
     def install_base(self, downloads: list[torch.Tensor]) -> bool:
-        for buf, (_, _, protos) in zip(downloads, self.shards()):
+        for buf, (_, _, protos) in zip(downloads, self.routes):
             proto = protos[self.index]
             views = proto.download.unpack(buf)
             core.load_merged(self.engine.model, {path: proto.layer_payload(views, path) for path in proto.spec.layers},
@@ -120,79 +118,7 @@ class Worker:
         proto = self.shard_protos[0][self.index]
         return bool(proto.download.unpack(downloads[0])["accepted"][self.index])
 
-    def upload_state(self) -> None:
-        opt, heads = self.engine.optimizer, self.head_tensors()
-        tensors = dict(heads)
-        for k in self.proto.trained:
-            st = opt.state.get(heads[k], {})
-            zeros = torch.zeros_like(heads[k])
-            tensors[f"{k}.exp_avg"] = st.get("exp_avg", zeros)
-            tensors[f"{k}.exp_avg_sq"] = st.get("exp_avg_sq", zeros)
-            tensors[f"{k}.step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32)
-        tensors.update(core.option_state(self.engine.model))
-        if self.proto.codec.lossy:
-            residuals = self.uploader.residuals
-            tensors.update({f"{k}.residual": residuals.get(k, torch.zeros_like(heads[k])) for k in self.proto.uploaded})
-        tensors["rng"] = torch.get_rng_state()
-        tensors["comm"] = self.exchange.snapshot()
-        for ex, _, protos in self.shards():  # each shard keeps its layers' part
-            ex.gather(protos[self.index].state.pack(tensors), [p.state.nbytes for p in protos],
-                      "the checkpoint upload", checkpoint=True)
-
-    @torch.no_grad()
-    def load_state(self, bufs: list[torch.Tensor], step: int) -> None:
-        """The state each shard kept (its layers' part; the RNG and counters are in every part)."""
-        views = {}
-        for (_, _, protos), buf in zip(self.shards(), bufs):
-            views.update(protos[self.index].state.unpack(buf))
-        heads = self.head_tensors()
-        for k, t in {**heads, **core.option_state(self.engine.model)}.items():
-            t.copy_(views[k])
-        opt = self.engine.optimizer
-        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step counts on the device
-        for k in self.proto.trained:
-            p = heads[k]
-            opt.state[p] = {"step": views[f"{k}.step"].clone().to(p.device if fused else "cpu"),
-                            "exp_avg": views[f"{k}.exp_avg"].clone().to(p.device),
-                            "exp_avg_sq": views[f"{k}.exp_avg_sq"].clone().to(p.device)}
-        if self.proto.codec.lossy:
-            self.uploader.load_state_dict({k: views[f"{k}.residual"].clone() for k in self.proto.uploaded},
-                                          self.env.device)
-        torch.set_rng_state(views["rng"].clone())
-        self.exchange.add(views["comm"])
-        self.engine.seek(step)
-
-    # the loop ----------------------------------------------------------------------------
-    def run(self) -> None:
-        control = self.hello()
-        if control.finished:
-            return  # the run in out_dir is done; the server says so
-        self.begin(control)
-        rounds = control.merges
-        while self.engine.step < self.cfg.train.steps:
-            rounds += 1
-            loss, compute_s = self.train_round()
-            if self.cfg.comm.overlap:
-                self.overlapped(rounds, loss, compute_s)
-            else:
-                self.upload(rounds, loss, compute_s)
-                self.install(rounds)
-            if self.clock.checkpoints(self.engine.step):
-                self.upload_state()
-        self.finish()
-
-    def begin(self, control: Control) -> None:
-        """The state of a resumed run, then the server's base (and replicas to start from)."""
-        engine = self.engine
-        if control.resume:
-            self.load_state([ex.scatter(None, [p.state.nbytes for p in protos], "the checkpoint restore",
-                                        checkpoint=True) for ex, _, protos in self.shards()], control.step)
-            core.set_merges_done(engine.model, control.merges)
-        self.receive_base("the initial base download")
-        if not control.resume:
-            core.reset_heads(engine.model)  # replica copies start from the server's values
-        engine.model.train()
-
+    # a round -----------------------------------------------------------------------------
     def train_round(self) -> tuple[float, float]:
         """A round of training: its mean loss and its compute seconds."""
         engine, t0 = self.engine, time.perf_counter()
@@ -212,43 +138,14 @@ class Worker:
         replicas = self.carry.references(engine.model)
         return [protos[self.index].upload.pack({**protos[self.index].encode_upload(heads, replicas, self.uploader),
                                                 "stats": stats})
-                for _, _, protos in self.shards()]
+                for _, _, protos in self.routes]
 
     def send_uploads(self, bufs: list[torch.Tensor], rounds: int) -> None:
         if self.cfg.dist.sync_phases:
-            for ex, _, _ in self.shards():
+            for ex, _, _ in self.routes:
                 ex.barrier("the pre-upload barrier")
-        for buf, (ex, _, protos) in zip(bufs, self.shards()):
+        for buf, (ex, _, protos) in zip(bufs, self.routes):
             ex.gather(buf, [p.upload.nbytes for p in protos], f"the upload of round {rounds}")
-
-    def install(self, rounds: int) -> None:
-        """The merged base, then the heads for the next round."""
-        self.start_next_round(self.receive_base(f"the download of round {rounds}"))
-
-    def overlapped(self, rounds: int, loss: float, compute_s: float) -> None:
-        """The end of a round under comm.overlap (lte.core.overlap): this round's upload goes out, its
-        heads carry it, the previous round's download is installed, and this round's exchange runs in
-        the background during the next round; a round that settles (the clock's) waits for its own
-        download instead and carries nothing."""
-        earlier = self.in_flight.result() if self.in_flight is not None else None  # raises its PeerError
-        self.in_flight = None
-        accepted = earlier is None or self.accepted(earlier)
-        bufs = self.encode_uploads(rounds, loss, compute_s)
-
-        def exchange() -> list[torch.Tensor]:
-            self.send_uploads(bufs, rounds)
-            return self.receive_downloads(f"the download of round {rounds}")
-
-        if self.clock.settles(self.engine.step):
-            latest = exchange()
-            self.carry.drop(self.engine.model)
-            self.start_next_round(self.install_base(latest) and accepted)
-            return
-        self.carry.take(self.engine.model)
-        if earlier is not None:
-            self.install_base(earlier)
-        self.start_next_round(accepted)
-        self.in_flight = self.background.submit(exchange)
 
     def start_next_round(self, accepted: bool) -> None:
         """After a merge: the heads reset, or restarted if the server did not merge this worker's upload."""
@@ -262,11 +159,6 @@ class Worker:
 
     def send_digests(self) -> None:
         """The digest of the base this worker holds, to each shard (its part), for the final check."""
-        for ex, _, protos in self.shards():
+        for ex, _, protos in self.routes:
             digest = protos[self.index].base_digest(protos[self.index].worker_base(self.engine.model))
             ex.gather(DIGEST.pack({"digest": torch.tensor([digest])}), DIGEST.nbytes, "the final base check")
-
-    def finish(self) -> None:
-        self.send_digests()
-        self.upload_state()  # for the final checkpoint, which a longer run continues from
-        self.exchange.counters()

@@ -5,10 +5,11 @@
     saved.activation_bytes()          # bytes kept alive for backward, beyond the model's own tensors
     saved.by_module["blocks.0.attn.qkv"]   # what that LTE layer's forward saved
 
-Each saved tensor is attributed to the innermost watched module whose forward saved it (the
-LTE layers by default). Bytes are counted per storage, once: a view saved twice, or a weight
-saved as its transpose, costs what its storage costs. Storages of the model's parameters and
-buffers are counted apart (`state_bytes`): keeping a reference to a weight costs nothing extra.
+Each saved tensor is attributed to the innermost watched module whose forward saved it (by default
+the modules that run an activation option: every LTE layer). Bytes are counted per storage, once:
+a view saved twice, or a weight saved as its transpose, costs what its storage costs. Storages of
+the model's parameters and buffers are counted apart (`state_bytes`): keeping a reference to a
+weight costs nothing extra.
 Works on the meta device too (shape-only accounting of models too large to run here).
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .activations import Activations
 
 
 @dataclass
@@ -35,10 +38,8 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
 
 class SavedTensors:
     def __init__(self, model: nn.Module, watch: dict[str, nn.Module] | None = None):
-        if watch is None:
-            from ..core.linear import LTELinear
-
-            watch = {p: m for p, m in model.named_modules() if isinstance(m, LTELinear)}
+        if watch is None:  # the layers whose saved tensors an activation option decides
+            watch = {p: m for p, m in model.named_modules() if isinstance(getattr(m, "activations", None), Activations)}
         self.model, self.watch = model, watch
         self.records: list[Saved] = []
         self._stack: list[str] = []

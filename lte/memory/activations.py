@@ -20,8 +20,8 @@ The input x is what costs memory; the options differ in what they keep of it:
 
 Each option is one class answering what the rest of the code asks (does A train, is it re-drawn at
 a merge, what extra state a layer keeps, which resets it refuses, how it describes itself, the head
-product); `ACTIVATIONS` is the registry a name is looked up in. A new option is one class and one
-registry line.
+product) and declaring its settings (lte.memory.settings: VeLoRA's M); `ACTIVATIONS` is the registry
+a name is looked up in. A new option, with its settings, is one class and one registry line.
 """
 from __future__ import annotations
 
@@ -32,11 +32,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
+from .settings import Setting
 
-# Sub-token size M: the VeLoRA paper's choice for pre-training from scratch (its section 4.5, LLaMA
-# 60M and 130M on C4, d_model 256-768). Its fine-tuning runs use smaller M (16 for ViT-B and
-# RoBERTa-base adapters, 32 for LLaMA-7B); a smaller M keeps more of x.
-DEFAULT_VELORA_SUBTOKEN = 128
 VELORA_KEY = "velora_v"
 
 
@@ -48,6 +45,8 @@ class Activations:
     redraws_A: ClassVar[bool] = False  # A is drawn afresh at every merge
     # options it cannot be combined with, and why
     excludes: ClassVar[dict[type[Activations], str]] = {}
+    # its settings: keyword arguments of the class, and fields of every config that holds the option
+    settings: ClassVar[tuple[Setting, ...]] = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -57,9 +56,9 @@ class Activations:
             raise TypeError(f"activations option {cls.__name__}: a frozen A must be re-drawn at every merge")
 
     @classmethod
-    def configured(cls, settings: Mapping) -> Activations:
-        """The option with its settings (LTEConfig's option fields); most options have none."""
-        return cls()
+    def configured(cls, values: Mapping) -> Activations:
+        """The option with its settings taken from `values` (a config's fields, by key)."""
+        return cls(**{s.key: values.get(s.key, s.default) for s in cls.settings})
 
     def reset_refusal(self, reset: str) -> str | None:
         """Why this option cannot run with LTEConfig.reset=`reset`; None if it can."""
@@ -114,12 +113,13 @@ class VeLoRA(Activations):
     excludes = {LoraFA: "VeLoRA cannot be combined with LoRA-FA: with A frozen there is no A gradient, so the "
                         "layer input it would compress is not kept at all; use lora_fa or velora"}
 
-    def __init__(self, subtoken: int = DEFAULT_VELORA_SUBTOKEN):
-        self.subtoken = subtoken
+    # Sub-token size M: the VeLoRA paper's choice for pre-training from scratch (its section 4.5, LLaMA
+    # 60M and 130M on C4, d_model 256-768). Its fine-tuning runs use smaller M (16 for ViT-B and
+    # RoBERTa-base adapters, 32 for LLaMA-7B); a smaller M keeps more of x.
+    settings = (Setting("velora_subtoken", 128, 1, "VeLoRA's sub-token size M"),)
 
-    @classmethod
-    def configured(cls, settings):
-        return cls(settings.get("velora_subtoken", DEFAULT_VELORA_SUBTOKEN))
+    def __init__(self, velora_subtoken: int = 128):
+        self.subtoken = velora_subtoken
 
     def layer_state(self, heads):
         return {VELORA_KEY: (heads, self.subtoken)}
@@ -149,8 +149,9 @@ ACTIVATIONS: dict[str, type[Activations]] = {cls.name: cls for cls in (Full, Lor
 
 
 def get_activations(name: str, settings: Mapping | None = None, *, key: str = "activations") -> Activations:
-    """The option called `name`, configured with `settings`; an unknown name is refused, and a
-    combination of options that exclude each other is refused saying why."""
+    """The option called `name`, with its settings from `settings` (by key; defaults for the rest);
+    an unknown name is refused, and a combination of options that exclude each other is refused
+    saying why."""
     cls = ACTIVATIONS.get(name) if isinstance(name, str) else None
     if cls is None:
         named = [c for n, c in ACTIVATIONS.items() if isinstance(name, str) and n in name]

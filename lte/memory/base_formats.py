@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +183,9 @@ def _bitsandbytes(name: str):
     return bnbf
 
 
-# The registry: a new format is a class and a line here.
-FORMATS: dict[str, Callable[[], BaseFormat]] = {
+# The registry: a new format is a class and a line here (a format with settings declares them as a
+# `settings` attribute of its factory, as activation options do, and takes them as keywords).
+FORMATS: dict[str, Callable[..., BaseFormat]] = {
     "fp32": lambda: Dense("fp32", torch.float32),
     "bf16": lambda: Dense("bf16", torch.bfloat16),
     "nf4": lambda: FourBit("nf4"),
@@ -193,11 +194,13 @@ FORMATS: dict[str, Callable[[], BaseFormat]] = {
 }
 
 
-def get_format(name: str) -> BaseFormat:
-    make = FORMATS.get(name)
+def get_format(name: str, settings: Mapping | None = None, *, key: str = "base format") -> BaseFormat:
+    """The format called `name`, with its settings (if it declares any) from `settings`."""
+    make = FORMATS.get(name) if isinstance(name, str) else None
     if make is None:
-        raise ConfigError(f"unknown base format {name!r}; known: {tuple(FORMATS)}")
-    return make()
+        raise ConfigError(f"{key} must be one of {tuple(FORMATS)}, got {name!r}")
+    values = settings or {}
+    return make(**{s.key: values.get(s.key, s.default) for s in getattr(make, "settings", ())})
 
 
 def check_runs_on(fmt: BaseFormat, device: torch.device) -> None:

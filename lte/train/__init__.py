@@ -1,7 +1,6 @@
-"""The trainer: the run config (config), the engine every mode shares (engine: model, batch streams,
-optimizer and step, evaluation), the round clock that says when to merge, evaluate, checkpoint and
-log (clock), the single-process loop (trainer), local-chunk rounds (chunks), the run directory
-(rundir), logging (log), the lte-train command (cli) and the Python entry (entry)."""
+"""The front door: the lte-train command (cli: training, serve / join, report, resize-images), the
+Python entry lte.train.run (entry), `python -m lte.train`, and finished runs side by side (report).
+It starts a mode (lte.single, lte.distributed); what the modes share is in lte.runtime."""
 from .entry import run
 
 __all__ = ["run"]

@@ -10,7 +10,11 @@ import argparse
 import os
 import sys
 
+from ..distributed import elastic as elastic_run
+from ..distributed.launch import launch
 from ..errors import UserError
+from ..runtime.config import load_config
+from .entry import run
 
 
 def parse_args(argv):
@@ -63,14 +67,11 @@ def elastic(command: str, argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)
     try:
-        from ..distributed import elastic as run
-        from .config import load_config
-
         cfg = load_config(args.config, args.overrides)
         if command == "serve":
-            run.serve(cfg, args.host, args.port)
+            elastic_run.serve(cfg, args.host, args.port)
         else:
-            run.join_run(cfg, args.server, args.slot)
+            elastic_run.join_run(cfg, args.server, args.slot)
     except UserError as exc:
         print(f"lte-train {command}: error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -100,19 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--script goes with --nproc-per-node and without --config (give the script "
                                 "its config yourself)")
         elif args.nproc_per_node is None:
-            from .entry import run
-
             run(args.config, overrides=args.overrides)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 leave_now()
             return 0
         else:
-            from .config import load_config
-
             load_config(args.config, args.overrides)  # refuse a bad config before starting anything
         if args.nproc_per_node < 1:
             raise UserError("--nproc-per-node must be >= 1")
-        from ..distributed.launch import launch
 
         if args.script is not None:
             return launch(args.nproc_per_node, args.overrides, args.max_restarts, script=args.script)

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..data import register_data
+from ..distributed import run_distributed
 from ..models import register
-from .config import MULTI_PROCESS, Config, config_from_dict, load_config, validate
+from ..runtime.config import Config, config_from_dict, load_config
+from ..single import train
 
 
 def run(config: str | Path | dict | Config | None, *, model: Callable | None = None, data: Callable | None = None,
@@ -32,14 +34,8 @@ def run(config: str | Path | dict | Config | None, *, model: Callable | None = N
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=_register(model, register)))
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=_register(data, register_data)))
-    validate(cfg)
-    if cfg.mode in MULTI_PROCESS:
-        from ..distributed import run_distributed
-
-        return run_distributed(cfg)
-    from .trainer import train
-
-    return train(cfg)
+    cfg.check()
+    return run_distributed(cfg) if cfg.mode_of.several else train(cfg)
 
 
 def _as_config(config, overrides) -> Config:

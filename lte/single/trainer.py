@@ -1,30 +1,30 @@
 """The single-process trainer: simulated LTE heads (mode=lte) or full-rank training (mode=full),
-and the loop of each DDP rank (lte.distributed.ddp).
+and the loop of each DDP and DiLoCo rank (lte.distributed.ddp, diloco).
 
 One loop serves these modes; they differ only in what is trained (the heads of a prepared model,
 or every parameter of the plain model), how the gradient is clipped (per head, or one norm), and
 what happens at the end of a round of lte.merge_every steps (a merge, or nothing). The steps are
-run by the Engine (lte.train.engine); when to merge, evaluate, checkpoint and log is the round
-clock's (lte.train.clock).
+run by the Engine (lte.runtime.engine); when to merge, evaluate, checkpoint and log is the round
+clock's (lte.runtime.clock); the run ends as every run does (lte.runtime.finish).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
 import torch
 
 from .. import core
-from ..core.upload import Uploader, get_codec
+from ..core.upload import Uploader
 from ..data import build_data
 from ..errors import ConfigError
-from .clock import RoundClock
-from .config import Config
-from .engine import Engine, eval_batches, evaluate, resolve_device
-from .log import RunLog, Throughput, peak_memory, say
-from .rundir import RunDir, Start
+from ..runtime.clock import RoundClock
+from ..runtime.config import Config
+from ..runtime.engine import Engine, eval_batches, evaluate, resolve_device
+from ..runtime.finish import Totals, finish_run, summary
+from ..runtime.log import RunLog, Throughput, say
+from ..runtime.rundir import RunDir, Start
 
 
 class Trainer:
@@ -46,11 +46,11 @@ class Trainer:
         self.model, self.device, self.data = engine.model, engine.device, engine.data
         self.lte = engine.heads is not None
         self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
-        self.uploader = Uploader(get_codec(cfg.comm.upload))  # the merge sees the heads as ps workers send them
-        self.ahead = core.Ahead() if cfg.comm.overlap and self.lte else None  # merges one round stale
+        self.uploader = Uploader(cfg.comm.codec())  # the merge sees the heads as ps workers send them
+        self.overlapped = core.OverlappedMerge() if cfg.comm.overlap and self.lte else None  # one round stale
         self.eval_set = eval_batches(cfg, self.data, self.device)
         self.merges, self.train_s = 0, 0.0
-        self.earlier = {"wall_s": 0.0, "attempts": 0}  # of the attempts before this one
+        self.totals = Totals()
         self.last_eval: dict = {}
         self.log: RunLog | None = None
 
@@ -66,8 +66,8 @@ class Trainer:
     def end_round(self) -> None:
         if not self.lte:
             return
-        if self.ahead is not None:
-            self.ahead.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
+        if self.overlapped is not None:
+            self.overlapped.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
                              settle=self.clock.settles(self.step))
         else:
             core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader)
@@ -75,7 +75,7 @@ class Trainer:
 
     def newest(self):
         """The model as the merges left it (with comm.overlap the base trails them by one)."""
-        return self.ahead.newest(self.model) if self.ahead is not None else contextlib.nullcontext()
+        return self.overlapped.newest(self.model) if self.overlapped is not None else contextlib.nullcontext()
 
     def summary_extra(self) -> dict:
         return {}
@@ -85,7 +85,7 @@ class Trainer:
         self.begin(start)
         self.model.train()
         meter, pending = Throughput(self.device), []
-        self.wall0 = t0 = time.perf_counter()
+        t0 = time.perf_counter()
         for loss in self.steps():
             if self.is_main:  # only the logging process keeps the losses it will report
                 pending.append(loss)
@@ -100,6 +100,7 @@ class Trainer:
         return self.finish(extra) if self.is_main else {}
 
     def begin(self, start: Start) -> None:
+        self.totals = Totals.resumed(start.state)  # this attempt's clock starts here
         if start.state is not None:
             self.restore(start.state, start.path)
         if self.is_main:
@@ -132,26 +133,15 @@ class Trainer:
         self.log.progress(step, row)
 
     def finish(self, extra: dict) -> dict:
-        summary = {**self.summary(), **extra}
-        self.rundir.write_results(summary, self.engine.final_weights(), self.model, self.data)
-        self.rundir.save_checkpoint({**self.state(), "finished": True, "summary": summary}, self.step)
-        self.log.finish(summary)
-        self.log.say("summary: " + json.dumps({k: summary[k] for k in ("mode", "steps", "merges", "eval")}))
-        return summary
+        return finish_run(self.rundir, self.log, {**self.summary(), **extra}, self.engine.final_weights(), self.model,
+                          self.data, lambda marks: self.rundir.save_checkpoint({**self.state(), **marks}, self.step))
 
     def summary(self) -> dict:
-        cfg, engine, steps = self.cfg, self.engine, self.step
-        return {
-            "mode": cfg.mode, "steps": steps, "samples_seen": steps * cfg.train.batch_size,
-            "merges": self.merges, "eval": self.last_eval, "wall_s": self.wall_s(), "train_s": self.train_s,
-            "samples_per_s": steps * cfg.train.batch_size / max(self.train_s, 1e-9),
-            "attempts": self.earlier["attempts"] + 1, **peak_memory(self.device), "device": str(self.device),
-            "heads": len(engine.heads) if self.lte else 0,
-            "trainable_params": sum(p.numel() for p in engine.params),
-        }
-
-    def wall_s(self) -> float:
-        return self.earlier["wall_s"] + time.perf_counter() - self.wall0
+        engine = self.engine
+        return {**summary(self.cfg, steps=self.step, merges=self.merges, last_eval=self.last_eval, totals=self.totals,
+                          device=self.device, seconds=self.train_s),
+                "train_s": self.train_s, "heads": len(engine.heads) if self.lte else 0,
+                "trainable_params": sum(p.numel() for p in engine.params)}
 
     def describe(self) -> str:
         cfg, engine = self.cfg, self.engine
@@ -167,16 +157,15 @@ class Trainer:
 
     # checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
-        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "wall_s": self.wall_s(),
-                "attempts": self.earlier["attempts"] + 1, "last_eval": self.last_eval,
-                "outer": self.outer.state_dict(), "upload_residuals": self.uploader.state_dict()}
+        return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "totals": self.totals.state(),
+                "last_eval": self.last_eval, "outer": self.outer.state_dict(),
+                "upload_residuals": self.uploader.state_dict()}
 
     def restore(self, state: dict, path) -> None:
         self.engine.restore(state, path)
         self.outer.load_state_dict(state.get("outer"), self.device)
         self.uploader.load_state_dict(state.get("upload_residuals"), self.device)
         self.merges, self.train_s = state["merges"], state["train_s"]
-        self.earlier = {"wall_s": state["wall_s"], "attempts": state["attempts"]}
         self.last_eval = state.get("last_eval", {})
 
 

@@ -1,8 +1,8 @@
 """The engine every mode shares: the model one process trains, its batch streams, its optimizer and
-its step, plus building the run's model, evaluating it and picking the device.
+its step, plus evaluating a model and picking the device.
 
-The single-process trainer (lte.train.trainer), a DDP rank and a parameter-server worker
-(lte.distributed) each hold one Engine; the server uses build_model / evaluate on its master.
+The single-process trainer (lte.single.trainer), a DDP rank and a parameter-server worker
+(lte.distributed) each hold one Engine; the server evaluates its master with `evaluate`.
 The learning rate is a pure function of the step (cosine with warm-up), set on the optimizer's
 param groups before every step: nothing about the schedule is saved, seeked or restored.
 """
@@ -17,10 +17,9 @@ from torch import nn
 from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches
 from ..errors import ConfigError
-from ..models import create_model, stated_sizes
 from .chunks import LocalChunks
 from .config import Config
-from .rundir import load_model_state
+from .model import build_model, load_model_state
 from .tasks import Metrics, TrainingLoss
 
 
@@ -36,30 +35,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def build_model(cfg: Config, data, device: torch.device | None) -> nn.Module:
-    """The run's model, initialised from the run's seed, on `device`; device None: its parameters on
-    the meta device (a worker that gets its weights from the server; lte.core.lean)."""
-    torch.manual_seed(cfg.seed)  # the base weights are the same in every mode and process
-    with core.params_on_meta() if device is None else contextlib.nullcontext():
-        model = create_model(cfg.model.name, data.model_args, **cfg.model.args)
-    check_fits(model, data)
-    return model if device is None else model.to(device)
-
-
-def check_fits(model: nn.Module, data) -> None:
-    """Refuse a model too small for its data, before anything trains: a vocabulary missing some of
-    the data's token ids, or a position table shorter than the data's windows (models and data
-    sets that state a vocab_size / block_size; others are not checked)."""
-    vocab, (model_vocab, model_block) = data.model_args.get("vocab_size"), stated_sizes(model)
-    if isinstance(vocab, int) and model_vocab is not None and model_vocab < vocab:
-        raise ConfigError(f"model.args.vocab_size: the model's vocabulary of {model_vocab} tokens is smaller than "
-                          f"the data's ({vocab}); leave it unset to take the data's, or make it >= {vocab}")
-    block = getattr(data.train, "block_size", None)
-    if isinstance(block, int) and model_block is not None and block > model_block:
-        raise ConfigError(f"data.args.block_size={block} is larger than the model's block_size={model_block} "
-                          "(model.args.block_size; max_position_embeddings for a transformers model)")
 
 
 def eval_batches(cfg: Config, data, device: torch.device) -> EvalBatches:
@@ -111,7 +86,7 @@ class Engine:
     lte:     the LTEConfig of those heads (their count, rank, memory options); None for full-rank.
     streams: the batch streams this process draws from, per_stream samples each per step; an LTE
              head's stream is its own global index, so a head sees the same batches everywhere.
-    chunks:  local-chunk training (lte.train.chunks) in this many chunks; 1: off.
+    chunks:  local-chunk training (lte.runtime.chunks) in this many chunks; 1: off.
     wrap:    wraps the model for the forward pass (DDP's DistributedDataParallel); compiled after.
     lean:    the heads' base and replicas will come from a parameter server: build the model without
              its fp32 weights (lte.core.lean), unless some tensor would then be left unfilled.

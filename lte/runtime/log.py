@@ -37,7 +37,7 @@ class RunLog:
 
     @classmethod
     def for_run(cls, cfg, out_dir: Path, start: int = 0) -> RunLog:
-        """The log of a run with config `cfg` (lte.train.config.Config), resuming after `start` steps."""
+        """The log of a run with config `cfg` (lte.runtime.config.Config), resuming after `start` steps."""
         return cls(out_dir, cfg.to_dict(), wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                    wandb_mode=cfg.log.wandb_mode, steps=cfg.train.steps, start=start)
 

@@ -5,7 +5,7 @@ final.safetensors holds the same keys and values as final.pt, the plain state_di
 whatever mode trained it. hf/ is a transformers model's save_pretrained folder (config.json and
 model.safetensors), which from_pretrained loads, e.g.
 transformers.AutoModelForCausalLM.from_pretrained("OUT_DIR/hf"). Every run writes final.safetensors,
-and hf/ for a transformers model, at its end (lte.train.rundir).
+and hf/ for a transformers model, at its end (lte.runtime.rundir).
 """
 from __future__ import annotations
 
@@ -16,17 +16,16 @@ from pathlib import Path
 
 import torch
 
+from ..data import build_data
 from ..errors import UserError
+from ..models.hf import is_transformers_model
+from .config import config_from_dict
+from .model import build_model, load_model_state
 
 
 def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
     """(the run's model with its trained weights, in eval mode; its config; its data), rebuilt from
     run_dir/config.json and the weights file."""
-    from ..data import build_data
-    from .config import config_from_dict
-    from .engine import build_model
-    from .rundir import load_model_state
-
     config_path, weights_path = run_dir / "config.json", run_dir / weights
     if not config_path.is_file():
         raise UserError(f"{config_path} not found: --run must be the out_dir of an lte-train run")
@@ -42,9 +41,6 @@ def load_run(run_dir: Path, device: torch.device, weights: str = "final.pt"):
 def save_hf_folder(cfg, data, weights: dict[str, torch.Tensor], folder: Path) -> Path:
     """A fresh plain model of the run holding `weights`, as its save_pretrained folder (the end of a
     run of a transformers model)."""
-    from .engine import build_model
-    from .rundir import load_model_state
-
     with torch.random.fork_rng():  # building the model seeds the RNG; the run's own RNG state stays
         model = build_model(cfg, data, torch.device("cpu"))
     load_model_state(model, weights, None)
@@ -68,8 +64,6 @@ def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
 def write_hf(model: torch.nn.Module, folder: Path) -> Path:
     """The model's save_pretrained folder, written beside `folder` and then moved into its place, so
     a kill leaves the old folder or the new one."""
-    from ..models.hf import is_transformers_model
-
     if not is_transformers_model(model):
         raise UserError(f"--format hf: the run's model is a {type(model).__name__}, not a transformers model")
     from transformers.utils import logging as hf_logging

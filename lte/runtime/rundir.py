@@ -35,20 +35,12 @@ import torch
 
 from .. import faults
 from ..errors import ConfigError, UserError
-from .results import safetensors_bytes, save_hf_folder
 from ..models.hf import is_transformers_model
-from .config import Config
+from .config import FREE_KEYS, Config
+from .results import safetensors_bytes, save_hf_folder
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.safetensors", "hf")
-
-# Keys that may change between the attempts of one run: they change how long it runs, how it is
-# observed or where it computes, not what it computes.
-FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
-             "eval.", "checkpoint.",
-             "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
-             "dist.min_workers", "dist.emulate_link_mbps")
-
 
 class RunInUse(UserError):
     """Another process holds the run directory."""
@@ -275,15 +267,6 @@ class RunDir:
         if is_transformers_model(model):
             save_hf_folder(self.cfg, data, weights, self.path / "hf")
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
-
-
-def load_model_state(model: torch.nn.Module, state_dict: dict, path: Path | None) -> None:
-    """Load a checkpoint's model state strictly, or say in one line that it does not fit."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[:3]
-        raise ConfigError(f"checkpoint {path} does not fit this model: {' '.join(first)}") from None
 
 
 def finished_line(path: Path, summary: dict) -> str:

@@ -20,7 +20,7 @@ from ..memory import Activations, BaseFormat
 from .config import LTEConfig
 from .init import init_lora_A
 from .linear import CARRIED, LINEAR_TYPES, LTELinear, linear_type
-from .merge import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
+from .algebra import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
 from .outer import OuterOptimizer
 from .upload import Uploader, through_uploads
 from .replica import HeadSplit, make_headwise, replicate, split_batches
