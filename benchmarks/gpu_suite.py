@@ -89,11 +89,27 @@ def _train(r: dict) -> str:
             f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
 
 
+def _step_cost(r: dict) -> str:
+    parts = []
+    for m in r["results"]:
+        full, lte = m["full"], m["lte"]
+        ratios = [f"ops {lte['extrapolated']['ops'] / full['extrapolated']['ops']:.2f}x"]
+        for key, label in (("eager", "eager"), ("compiled_timing", "compiled")):
+            if key in full:
+                ratios.append(f"{label} {lte[key]['step_s_median'] / full[key]['step_s_median']:.2f}x")
+        parts.append(f"{m['model']}: LTE/full " + ", ".join(ratios))
+    return "; ".join(parts)
+
+
 def steps(results: Path, gpus: int) -> list[Step]:
     """The suite. `gpus` decides the placement of the distributed runs (see docs/distributed.md, 'Placement')."""
     r = str(results)
     shared_gpu = gpus < 2  # several processes on one GPU: NCCL refuses that, the exchange uses Gloo
     out = [
+        Step("step-cost", "one step counted and timed, full-rank vs LTE: ViT-S/32 224px and gpt2, 32x r64, bf16",
+             [PY, "benchmarks/step_cost.py", "--device", "cuda", "--out", f"{r}/step_cost.json"],
+             [PY, "benchmarks/step_cost.py", "--models", "vit_tiny", "--no-compile", "--out", f"{r}/step_cost.json"],
+             420, "step_cost.json", headline=_step_cost),
         Step("throughput-eager", "simulated LTE vs full-rank step, ViT-S/32 224px, batch 1024, 32x r64, bf16, eager",
              [PY, "benchmarks/throughput.py", "--preset", "gpu", "--compile", "false",
               "--out", f"{r}/throughput-eager.json"],

@@ -48,7 +48,7 @@ from lte.memory.accounting import SavedTensors
 from lte.models.gpt import gpt
 from lte.runtime import tasks
 from lte.runtime.chunks import LocalChunks
-from lte.runtime.engine import optimizer_step
+from lte.runtime.engine import TrainStep
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -244,11 +244,12 @@ class StepRunner:
         chunks = (opts or {}).get("chunks", 1)
         self.chunks = LocalChunks(self.model, chunks, self.params, self.opt, device) if chunks > 1 else None
         self.loss = tasks.TrainingLoss.of(spec.task, self.model, LOGITS_CHUNK_MB)
+        self.train_step = TrainStep(self.model, self.loss, self.params, self.opt, heads=self.heads, grad_clip=1.0,
+                                    device=device, precision="fp32")
 
     def step_on(self, x, y, step=None, advance=True):
         x, y = x.to(self.device), y.to(self.device)  # local chunks keep the round's batches in host memory
-        loss = optimizer_step(self.model, self.params, self.opt, x, y, loss_fn=self.loss, heads=self.heads,
-                              grad_clip=1.0, device=self.device, precision="fp32")
+        loss = self.train_step(x, y, 1e-4)
         if advance:
             self.step += 1
         return loss

@@ -22,7 +22,7 @@ from common import machine, step_times, write_json
 import lte
 from lte.models import create_model
 from lte.runtime.log import peak_memory
-from lte.runtime.engine import optimizer_step
+from lte.runtime.engine import TrainStep, adamw
 from lte.runtime.tasks import TrainingLoss
 
 PRESETS = {
@@ -43,16 +43,15 @@ def measure(mode: str, args, device: torch.device) -> dict:
         heads = args.heads
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = adamw(params, lr=1e-4, weight_decay=0.0, heads=mode == "lte")  # the engine's optimizer
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss_fn = TrainingLoss("classification")
-    times = step_times(lambda: optimizer_step(forward, params, opt, x, y, loss_fn=loss_fn, heads=heads,
-                                              grad_clip=1.0, device=device, precision=args.precision),
-                       device, args.steps, args.warmup)
+    step = TrainStep(forward, TrainingLoss("classification"), params, opt, heads=heads, grad_clip=1.0,
+                     device=device, precision=args.precision)
+    times = step_times(lambda: step(x, y, 1e-4), device, args.steps, args.warmup)
     step_s = statistics.median(times)
     out = {"mode": mode, "step_s_median": step_s, "step_s_min": min(times), "images_per_s": args.batch / step_s,
            "trainable_params": sum(p.numel() for p in params), **peak_memory(device)}

@@ -5,14 +5,14 @@ from .linear import LinearType, LTELinear, LTEPatchConv, register_linear
 from .algebra import MergeSpec, lora_delta, merge_into
 from .outer import OuterOptimizer
 from .overlap import OverlappedMerge, CarriedRound
-from .optim import clip_grad_norm_per_head_, cosine_with_warmup, head_grad_norms
+from .optim import HeadOptimizer, clip_grad_norm_per_head_, cosine_with_warmup, head_grad_norms
 from .inject import (MERGES_KEY, clear_optimizer_state, export, finish_merge, head_state, is_prepared, load_merged,
                       lte_layers, master_state, merge, merges_done, option_state, plan, prepare, reset_heads,
                       restart_heads, set_merges_done, state_of, trained_keys)
 
 __all__ = ["LTEConfig", "materialize", "params_on_meta", "seeded_base", "unfilled", "LinearType", "LTELinear",
            "LTEPatchConv", "register_linear", "MergeSpec", "lora_delta", "merge_into", "OuterOptimizer",
-           "OverlappedMerge", "CarriedRound", "clip_grad_norm_per_head_",
+           "OverlappedMerge", "CarriedRound", "HeadOptimizer", "clip_grad_norm_per_head_",
            "cosine_with_warmup", "head_grad_norms", "MERGES_KEY", "clear_optimizer_state", "export", "finish_merge",
            "head_state", "is_prepared", "load_merged", "lte_layers", "master_state", "merge", "merges_done",
            "option_state", "plan", "prepare", "reset_heads", "restart_heads", "set_merges_done", "state_of",

@@ -118,8 +118,9 @@ def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: 
         new = linear_type(old, cfg).build(old, **layer_kw)
         new.train(old.training)
         init_lora_A(new.lora_A, path, cfg.seed, first_head)
-        if new.lora_A0 is not None:
-            new.lora_A0.copy_(new.lora_A)
+        if new.lora_A0 is not None:  # a snapshot, not a tensor of the graph: no history to lora_A
+            with torch.no_grad():
+                new.lora_A0.copy_(new.lora_A)
         if path:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, new)

@@ -2,10 +2,13 @@
 
 In training the batch is cut into N equal contiguous slices and head h sees slice h only:
     y[slice h] = x[slice h] W^T + s * x[slice h] A_h^T B_h^T (+ bias_h)
-The base product runs once over the whole batch; the heads run as two batched matmuls
-(bmm, then baddbmm accumulating into the base output). benchmarks/lte_layer.py compares this
-with torch.func.vmap over a per-head function; the explicit form was faster (see docs/library.md,
-"How the heads run").
+as one autograd function (LTEHeads): the input and factors cast once to the compute dtype, the
+base product once over the whole batch and the heads' as two batched matmuls, one accumulating into
+the other in place with s as its alpha (a per-head bias written by the first), and in backward the
+heads' part of dx accumulated into the base dx in place, each factor's gradient computed in its
+own layout. benchmarks/lte_layer.py compares the explicit
+form with torch.func.vmap over a per-head function; the explicit form was faster (see
+docs/library.md, "How the heads run"); benchmarks/step_cost.py counts a whole step.
 In eval the layer is the merged linear alone: x W^T + b, for any batch size.
 
 The base weight is stored in a format from lte.memory (fp32 by default; bf16 or a bitsandbytes
@@ -25,7 +28,7 @@ from torch import nn
 
 from ..errors import BatchError, ModelError
 from ..memory import Activations, BaseFormat, get_activations, get_format
-from ..memory.base_formats import no_autocast
+from ..memory.base_formats import autocasting, no_autocast
 
 if TYPE_CHECKING:
     from .config import LTEConfig
@@ -125,16 +128,16 @@ class LTELinear(nn.Module):
         if x.shape[0] % n:
             raise BatchError(f"an LTE layer got a batch of {x.shape[0]} rows, which does not split "
                              f"into {n} equal head slices")
-        frozen_bias = self.bias if self.bias_heads is None else None
-        y = self.base.linear(x, self.payload(), self.shape, frozen_bias)
         A, B = self.factors()
-        x3 = x.reshape(n, -1, self.in_features)
-        with no_autocast(x):  # in the base product's compute dtype (bf16 under autocast)
-            yh = self.activations.head_product(y.view(n, -1, self.out_features), x3, A, B, self.scale,
-                                               self.option_state())
-        if self.bias_heads is not None:
-            yh = yh + self.bias_heads.unsqueeze(1).to(yh.dtype)
-        return yh.view(y.shape)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocasting(x) else x.dtype
+        state = self.option_state()
+        payload = self.payload()
+        with no_autocast(x):
+            frozen_bias = self.bias if self.bias_heads is None else None
+            y = lte_heads(x.reshape(-1, self.in_features), A, B, self.bias_heads, frozen_bias, self.scale,
+                          self.base, self.shape, self.activations, dtype, tuple(state), *state.values(),
+                          *(payload[k] for k in sorted(payload)))
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -158,11 +161,94 @@ class LTEPatchConv(LTELinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         ph, pw = self.kernel_size
+        if self.training and autocasting(x):  # cast before the patches are gathered: the copy is then bf16
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         gh, gw = h // ph, w // pw  # a conv drops the remainder rows/columns too
         patches = (x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
                    .permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw))
         y = super().forward(patches)
         return y.transpose(1, 2).reshape(b, self.out_features, gh, gw)
+
+
+class LTEHeads(torch.autograd.Function):
+    """An LTE layer's training forward (see the module docstring), for x: (heads x rows) x in, A:
+    heads x r x in, B: heads x out x r; the base W decoded from its payload in forward and again in
+    backward (never kept dense); what is kept of x for A's gradient is the activation option's."""
+
+    @staticmethod
+    def forward(x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors):
+        state, payload = _split(state_names, tensors)
+        n = A.shape[0]
+        xd, Ad, Bd = x.to(dtype), A.to(dtype), B.to(dtype)  # the one cast of each
+        x3 = xd.view(n, -1, xd.shape[-1])
+        W = _decoded(fmt, shape, payload, dtype)
+        xa = torch.bmm(x3, Ad.transpose(1, 2))
+        if bias_heads is None:
+            y = torch.mm(xd, W.t()) if bias is None else torch.addmm(bias.to(dtype), xd, W.t())
+            y.view(n, -1, y.shape[-1]).baddbmm_(xa, Bd.transpose(1, 2), alpha=scale)
+        else:  # the heads' product written with each head's bias, then the base product added in place
+            y = torch.baddbmm(bias_heads.to(dtype).unsqueeze(1), xa, Bd.transpose(1, 2), alpha=scale)
+            y = y.view(-1, y.shape[-1]).addmm_(xd, W.t())
+        kept = option.keep_for_A(x3, state) if option.trains_A else None  # saved only if A's gradient is wanted
+        # the casts, for backward (None where there was nothing to cast: an input is saved as itself)
+        return y, xa, kept, None if Ad is A else Ad, None if Bd is B else Bd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Separate from forward so torch.compile traces it into the step's graph.
+        x, A, B, bias_heads, _, scale, fmt, shape, option, dtype, state_names, *tensors = inputs
+        _, xa, kept, Ad, Bd = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        Ad, Bd = A if Ad is None else Ad, B if Bd is None else Bd
+        ctx.set_materialize_grads(False)  # no zeros for the outputs that are only there to be saved
+        ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale = fmt, shape, option, dtype, scale
+        ctx.state_names, ctx.x_dtype, ctx.factor_dtype = state_names, x.dtype, A.dtype
+        ctx.has_bias_heads = bias_heads is not None
+        ctx.save_for_backward(xa, kept if ctx.needs_input_grad[1] else None, Ad, Bd, *tensors)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        xa, kept, Ad, Bd, *tensors = ctx.saved_tensors  # read once (activation checkpointing)
+        state, payload = _split(ctx.state_names, tensors)
+        dtype, s = ctx.dtype, ctx.scale
+        g = grad.to(dtype)
+        g3 = g.view(Ad.shape[0], -1, g.shape[-1])
+        gxa = torch.bmm(g3, Bd)                                  # heads x rows x r: d(x A^T) / s
+        grad_x = grad_A = grad_B = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(g, _decoded(ctx.fmt, ctx.shape, payload, dtype))
+            gx.view(gxa.shape[0], -1, gx.shape[-1]).baddbmm_(gxa, Ad, alpha=s)
+            grad_x = gx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_A = _scaled_bmm(gxa.transpose(1, 2), ctx.option.input_for_A(kept, state), s).to(ctx.factor_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_B = _scaled_bmm(g3.transpose(1, 2), xa, s).to(ctx.factor_dtype)
+        if ctx.has_bias_heads and ctx.needs_input_grad[3]:
+            grad_bias = g3.sum(1, dtype=ctx.factor_dtype)
+        return (grad_x, grad_A, grad_B, grad_bias, *[None] * (7 + len(tensors)))
+
+
+def lte_heads(x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors) -> torch.Tensor:
+    """LTEHeads' output; its forward alone where nothing needs a gradient (torch.compile 2.14 fails
+    on an autograd.Function none of whose inputs requires grad)."""
+    args = (x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias_heads)):
+        return LTEHeads.apply(*args)[0]
+    return LTEHeads.forward(*args)[0]
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (a @ b), batched, in one matmul (baddbmm with beta=0 reads nothing of its input, so any
+    tensor that broadcasts to the output will do)."""
+    return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
+
+
+def _split(state_names: tuple, tensors: tuple) -> tuple[dict, tuple]:
+    return dict(zip(state_names, tensors)), tensors[len(state_names):]
+
+
+def _decoded(fmt: BaseFormat, shape: tuple[int, int], payload: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return fmt.decode(dict(zip(sorted(fmt.layout(shape)), payload)), shape, dtype)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import types
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BatchError
@@ -104,8 +105,23 @@ def make_headwise(module: nn.Module, path: str, names: list[str], split: HeadSpl
 
 
 def _is_plain_layer_norm(module: nn.Module) -> bool:
-    return (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
-            and set(module._lte_replicas) == {n for n in ("weight", "bias") if getattr(module, n) is not None})
+    """A LayerNorm over the last dimension whose forward computes nn.LayerNorm's: nn.LayerNorm itself,
+    or a subclass (timm's LayerNorm is one) whose own forward gives F.layer_norm's values on a probe."""
+    if not (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine
+            and set(module._lte_replicas) == {n for n in ("weight", "bias") if getattr(module, n) is not None}):
+        return False
+    if type(module).forward is nn.LayerNorm.forward:
+        return True
+    width, g = module.normalized_shape[0], torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, width, generator=g)
+    probe = {name: torch.randn(width, generator=g) for name in module._lte_replicas}  # the module may be on meta
+    try:
+        with torch.no_grad(), shadowed(module, probe):
+            out = type(module).forward(module, x)
+    except Exception:  # a forward that cannot run on the probe is not one to replace
+        return False
+    expected = F.layer_norm(x, (width,), probe["weight"], probe.get("bias"), module.eps)
+    return isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(out, expected, atol=1e-5)
 
 
 def _headwise_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +142,14 @@ def _headwise_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 class _HeadwiseLayerNorm(torch.autograd.Function):
     """y[h] = (x[h] - mean) * rstd * w[h] + b[h] over the last dimension, in fp32 (as autocast runs
-    layer_norm); x: heads x rows x C, w and b: heads x C."""
+    layer_norm); x: heads x rows x C, w and b: heads x C. The normalisation is aten's layer norm
+    (forward and backward), the per-head affine one op; backward normalises x again for w's gradient."""
 
     @staticmethod
     def forward(x, w, b, eps):
-        xf = x.float()
-        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        y = (xf - mean) * rstd * w.float().unsqueeze(1)
-        return (y if b is None else y + b.float().unsqueeze(1)), mean, rstd
+        x_hat, mean, rstd = torch.native_layer_norm(x.float(), x.shape[-1:], None, None, eps)
+        y = x_hat * w.unsqueeze(1) if b is None else torch.addcmul(b.unsqueeze(1), x_hat, w.unsqueeze(1))
+        return y, mean, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -142,18 +157,18 @@ class _HeadwiseLayerNorm(torch.autograd.Function):
         x, w, b, _ = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zeros for mean and rstd
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.has_bias = b is not None
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_rstd):
+    def backward(ctx, grad, *_):
         x, w, mean, rstd = ctx.saved_tensors
-        x_hat = (x.float() - mean) * rstd
-        g = grad.float()
-        grad_w = (g * x_hat).sum(1).to(w.dtype)
+        xf, g = x.float(), grad.float()
+        grad_x = torch.ops.aten.native_layer_norm_backward(g * w.unsqueeze(1), xf, x.shape[-1:], mean, rstd, None,
+                                                           None, [True, False, False])[0]
+        grad_w = (g * ((xf - mean) * rstd)).sum(1).to(w.dtype)
         grad_b = g.sum(1).to(w.dtype) if ctx.has_bias else None
-        gx = g * w.float().unsqueeze(1)
-        grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - x_hat * (gx * x_hat).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_w, grad_b, None
 
 

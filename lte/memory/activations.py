@@ -6,7 +6,7 @@ A head computes y_h = x_h W^T + s x_h A_h^T B_h^T. Backward needs, per head,
     dx_h = g_h W + s g_h B_h A_h   only weights.
 The input x is what costs memory; the options differ in what they keep of it:
 
-  full     x and x A^T, as plain LoRA does (autograd's bmm/baddbmm).
+  full     x and x A^T, as plain LoRA does.
   lora_fa  A is frozen (LoRA-FA): there is no dA, so only x A^T is kept, never x. In LTE a frozen
            A must be re-drawn at every merge, or the merged weights would only ever move inside the
            fixed span of the heads' A rows (docs/memory.md: the least-squares table); lte.core.reset_heads
@@ -19,9 +19,10 @@ The input x is what costs memory; the options differ in what they keep of it:
            ("velora_v", heads x M), so checkpoints and parameter-server workers agree on it.
 
 Each option is one class answering what the rest of the code asks (does A train, is it re-drawn at
-a merge, what extra state a layer keeps, which resets it refuses, how it describes itself, the head
-product) and declaring its settings (lte.memory.settings: VeLoRA's M); `ACTIVATIONS` is the registry
-a name is looked up in. A new option, with its settings, is one class and one registry line.
+a merge, what extra state a layer keeps, which resets it refuses, how it describes itself, what the
+LTE layer's function keeps of x for A's gradient and how it gets x back from that) and declaring
+its settings (lte.memory.settings: VeLoRA's M); `ACTIVATIONS` is the registry a name is looked up
+in. A new option, with its settings, is one class and one registry line.
 """
 from __future__ import annotations
 
@@ -75,13 +76,15 @@ class Activations:
     def describe(self) -> str:
         return self.name
 
-    def head_product(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                     state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """y + s x A^T B^T per head (y: heads x rows x out, x: heads x rows x in), in y's dtype;
-        `state` holds the layer's buffers named by layer_state()."""
-        dtype = y.dtype
-        return torch.baddbmm(y, torch.bmm(x.to(dtype), A.to(dtype).transpose(1, 2)), B.to(dtype).transpose(1, 2),
-                             alpha=scale)
+    def keep_for_A(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What backward keeps of the heads' input x (heads x rows x in) for A's gradient (the LTE
+        layer's function asks only when A trains); `state` holds the layer's buffers named by
+        layer_state()."""
+        return x
+
+    def input_for_A(self, kept: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The input A's gradient is computed with, from what keep_for_A kept."""
+        return kept
 
 
 class Full(Activations):
@@ -91,8 +94,8 @@ class Full(Activations):
 
 
 class LoraFA(Activations):
-    """LoRA-FA: A frozen, so only x A^T is kept. With A frozen, autograd's bmm keeps A, not x:
-    the same ops as `full` (tests/test_activations.py checks what is saved)."""
+    """LoRA-FA: A frozen, so only x A^T is kept: with no A gradient the LTE layer's function keeps
+    nothing of x (tests/test_activations.py checks what is saved)."""
 
     name = "lora_fa"
     trains_A = False
@@ -135,14 +138,13 @@ class VeLoRA(Activations):
     def describe(self):
         return f"velora (M={self.subtoken})"
 
-    def head_product(self, y, x, A, B, scale, state):
-        if not A.requires_grad:  # nothing needs x when A is frozen (e.g. a chunk's proxy)
-            return super().head_product(y, x, A, B, scale, state)
+    def keep_for_A(self, x, state):
         v = state[VELORA_KEY]
         init_subtoken_vectors(v, x)
-        dtype = y.dtype
-        out, _, _ = _VeLoRAHead.apply(y, x.to(dtype), A.to(dtype), B.to(dtype), v, scale)
-        return out
+        return compress(x, v)
+
+    def input_for_A(self, kept, state):
+        return rebuild(kept, state[VELORA_KEY])
 
 
 ACTIVATIONS: dict[str, type[Activations]] = {cls.name: cls for cls in (Full, LoraFA, VeLoRA)}
@@ -193,32 +195,3 @@ def rebuild(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """x^ = z v^T, sub-token by sub-token, back to heads x rows x in."""
     n, rows, groups = z.shape
     return (z.unsqueeze(-1) * v.to(z.dtype)[:, None, None, :]).reshape(n, rows, groups * v.shape[1])
-
-
-class _VeLoRAHead(torch.autograd.Function):
-    """baddbmm(y, x A^T, B^T, alpha=s), keeping x only as its sub-token projections."""
-
-    @staticmethod
-    def forward(y, x, A, B, v, scale):
-        xa = torch.bmm(x, A.transpose(1, 2))
-        out = torch.baddbmm(y, xa, B.transpose(1, 2), alpha=scale)
-        return out, xa, compress(x, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        # Separate from forward so torch.compile traces it into the step's graph.
-        _, _, A, B, v, scale = inputs
-        _, xa, z = output
-        ctx.mark_non_differentiable(xa, z)
-        ctx.scale = scale
-        ctx.save_for_backward(xa, z, A, B, v)
-
-    @staticmethod
-    def backward(ctx, grad, _grad_xa, _grad_z):
-        xa, z, A, B, v = ctx.saved_tensors
-        s = ctx.scale
-        gb = torch.bmm(grad, B) * s                                   # heads x rows x rank
-        grad_x = torch.bmm(gb, A) if ctx.needs_input_grad[1] else None
-        grad_A = torch.bmm(gb.transpose(1, 2), rebuild(z, v)) if ctx.needs_input_grad[2] else None
-        grad_B = torch.bmm(grad.transpose(1, 2), xa) * s if ctx.needs_input_grad[3] else None
-        return grad, grad_x, grad_A, grad_B, None, None

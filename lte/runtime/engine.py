@@ -58,24 +58,60 @@ def evaluate(model: nn.Module, batches: EvalBatches, task: str, device: torch.de
     return metrics.result()
 
 
-def optimizer_step(forward, params, optimizer, x, y, *, loss_fn: TrainingLoss, heads: int, grad_clip: float,
-                   device: torch.device, precision: str) -> torch.Tensor:
-    """Forward, backward, clip and step. With heads > 1 (a prepared model) the clip is per head;
-    with one head, per-head and global clipping are the same thing."""
-    with autocast(device, precision):
-        with loss_fn.forward_mode():
-            outputs = forward(x)
-        loss = loss_fn(outputs, y)
-    # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
-    (loss * heads).backward()
-    if grad_clip > 0:
-        if heads > 1:
-            core.clip_grad_norm_per_head_(params, grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float, heads: bool) -> torch.optim.Optimizer:
+    """The optimizer of a process: AdamW, fused (one kernel a step); over per-head tensors (`heads`),
+    laid out in one buffer so that it and the per-head clip run over one tensor (core.HeadOptimizer)."""
+    if heads:
+        return core.HeadOptimizer(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+class TrainStep:
+    """One optimizer step: forward and loss, backward, the clip (per head with heads > 1: with one
+    head, per-head and global clipping are the same thing), the optimizer's step at the step's
+    learning rate, and the gradients zeroed. `compile` (train.compile): the forward and backward
+    compiled, and a HeadOptimizer's clip and step compiled as a second graph."""
+
+    def __init__(self, forward, loss_fn: TrainingLoss, params: list[torch.Tensor], optimizer, *, heads: int,
+                 grad_clip: float, device: torch.device, precision: str, compile: bool = False):
+        self.forward = torch.compile(forward) if compile else forward
+        self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
+        self.heads, self.grad_clip, self.device, self.precision = heads, grad_clip, device, precision
+        if compile and isinstance(optimizer, core.HeadOptimizer):
+            optimizer.compile()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        loss = self.forward_backward(x, y)
+        self.update(lr)
+        return loss
+
+    def loss_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch, with the graph backward will run through."""
+        with autocast(self.device, self.precision):
+            with self.loss_fn.forward_mode():
+                outputs = self.forward(x)
+            return self.loss_fn(outputs, y)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_of(x, y)
+        # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
+        (loss * self.heads).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def update(self, lr: float) -> None:
+        if isinstance(self.optimizer, core.HeadOptimizer):
+            self.optimizer.update(lr, self.grad_clip)  # clip, step and zero over one buffer
+            return
+        if self.grad_clip > 0:
+            if self.heads > 1:
+                core.clip_grad_norm_per_head_(self.params, self.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class Engine:
@@ -105,12 +141,15 @@ class Engine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         self.base_lr = cfg.head_lr if heads is not None else t.lr
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_at(0), weight_decay=t.weight_decay,
-                                           fused=device.type == "cuda")  # one kernel per step on a GPU
+        # local chunks move single tensors (and their moments) between host and device: one tensor each
+        self.optimizer = adamw(self.params, lr=self.lr_at(0), weight_decay=t.weight_decay,
+                               heads=heads is not None and chunks == 1)
         forward = self.model if wrap is None else wrap(self.model)
-        self.forward = torch.compile(forward) if t.compile else forward
         self.chunks = LocalChunks(self.model, chunks, self.params, self.optimizer, device) if chunks > 1 else None
         self.loss = TrainingLoss.of(data.task, self.model, t.logits_chunk_mb)
+        self.step_function = TrainStep(forward, self.loss, self.params, self.optimizer,
+                                       heads=1 if heads is None else len(heads), grad_clip=t.grad_clip, device=device,
+                                       precision=t.precision, compile=t.compile)
         self.step = 0
 
     def build(self, lte: core.LTEConfig | None, lean: bool) -> tuple[nn.Module, bool]:
@@ -146,14 +185,8 @@ class Engine:
     def step_on(self, x: torch.Tensor, y: torch.Tensor, step: int | None = None, advance: bool = True) -> torch.Tensor:
         """One optimizer step on (x, y) at the learning rate of `step` (default: the current step);
         `advance` moves the step counter on (a local chunk before the last does not)."""
-        t = self.cfg.train
-        lr = self.lr_at(self.step if step is None else step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # a no-op for a fresh batch
-        loss = optimizer_step(self.forward, self.params, self.optimizer, x, y, loss_fn=self.loss,
-                              heads=1 if self.heads is None else len(self.heads),
-                              grad_clip=t.grad_clip, device=self.device, precision=t.precision)
+        loss = self.step_function(x, y, self.lr_at(self.step if step is None else step))
         if advance:
             self.step += 1
         return loss

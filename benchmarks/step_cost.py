@@ -1,0 +1,288 @@
+"""What one training step costs, full-rank against simulated LTE heads, counted rather than timed
+(so a CPU can settle most of it): aten ops (the whole step, and the update apart: clipping, the
+optimizer, zeroing the gradients), bytes written by those ops, FLOPs, the kernels of the compiled
+step (inductor's generated code) and the activation memory autograd keeps; on a GPU also the step
+time, eager and compiled, and the profiler's summed kernel time against the wall time.
+
+    python benchmarks/step_cost.py                       # ViT-S/32 and a small GPT on this CPU
+    python benchmarks/step_cost.py --device cuda         # and the times (ViT-S/32 batch 1024, gpt2)
+
+Counts come from one eager step after a warm-up step, under a TorchDispatchMode (views are not
+counted; an in-place op counts its output). Ops do not depend on the batch; bytes and FLOPs grow
+with it linearly, so they are measured at two batches and extrapolated to --report-batch. Inputs
+are random: a step's cost does not depend on their values. Writes JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import machine, sync, write_json
+import lte
+from lte.memory.accounting import SavedTensors
+from lte.models import create_model
+from lte.runtime.engine import TrainStep, adamw
+from lte.runtime.tasks import TrainingLoss
+
+MODELS = {
+    # the issue's vision setup: ViT-S/32 at 224 px, 32 heads of rank 64, bf16
+    "vit_s32": dict(name="vit_small_patch32_224", args=dict(img_size=224, num_classes=1000), task="classification",
+                    heads=32, rank=64, alpha=4096, batches=(32, 64), report_batch=1024, gpu_batch=1024),
+    # a GPT at the GPU configs' heads and rank, small enough for this CPU (gpt2 itself with --device cuda)
+    "gpt_small": dict(name="gpt", args=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),
+                      task="language_model", heads=32, rank=64, alpha=4096, batches=(32, 64), report_batch=512,
+                      gpu_batch=512),
+    # tiny, for the GPU suite's dry run on a CPU
+    "vit_tiny": dict(name="vit_tiny_patch16_224", args=dict(img_size=32, patch_size=8, depth=2, num_classes=10),
+                     task="classification", heads=4, rank=4, alpha=8, batches=(8, 16), report_batch=64, gpu_batch=64),
+    "gpt2": dict(name="gpt2", args=dict(block_size=1024), task="language_model", heads=32, rank=64, alpha=4096,
+                 batches=(32, 64), report_batch=512, gpu_batch=64),
+}
+
+
+# torch's FLOP counter knows addmm and baddbmm, not their in-place forms (which the LTE layer uses)
+IN_PLACE_GEMMS = {torch.ops.aten.addmm_: lambda _, a, b, *args, **kw: flop_counter.mm_flop(a, b),
+                  torch.ops.aten.baddbmm_: lambda _, a, b, *args, **kw: flop_counter.bmm_flop(a, b)}
+
+
+def _is_view(func) -> bool:
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+class OpCounter(TorchDispatchMode):
+    """Every non-view aten op run inside it, and the bytes its outputs hold, by phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "step"
+        self.ops: Counter = Counter()
+        self.bytes: Counter = Counter()
+        self.names: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _is_view(func):
+            self.ops[self.phase] += 1
+            self.names[func.overloadpacket.__name__] += 1
+            flat = out if isinstance(out, (tuple, list)) else [out]
+            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in _tensors(flat))
+        return out
+
+
+def _tensors(items):
+    for t in items:
+        if isinstance(t, torch.Tensor):
+            yield t
+        elif isinstance(t, (tuple, list)):
+            yield from _tensors(t)
+
+
+@dataclass
+class Setup:
+    step: TrainStep
+    x: torch.Tensor
+    y: torch.Tensor
+    model: torch.nn.Module
+
+
+def build(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_step: bool) -> Setup:
+    """The model, its optimizer and its step as the engine builds them (lte.runtime.engine), on random inputs."""
+    torch.manual_seed(0)
+    model = create_model(spec["name"], **spec["args"]).to(device)
+    heads = 1
+    if mode == "lte":
+        lte.prepare(model, lte.LTEConfig(heads=spec["heads"], rank=spec["rank"], alpha=spec["alpha"]))
+        heads = spec["heads"]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, lr=1e-4, weight_decay=0.0, heads=mode == "lte")
+    loss = TrainingLoss.of(spec["task"], model, 64.0)
+    step = TrainStep(model, loss, params, optimizer, heads=heads, grad_clip=1.0, device=device, precision=precision,
+                     compile=compile_step)
+    if spec["task"] == "language_model":
+        block, vocab = spec["args"]["block_size"], spec["args"].get("vocab_size", 50304)
+        x = torch.randint(0, vocab, (batch, block), device=device)
+        y = torch.randint(0, vocab, (batch, block), device=device)
+    else:
+        size = spec["args"]["img_size"]
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, spec["args"]["num_classes"], (batch,), device=device)
+    return Setup(step, x, y, model)
+
+
+def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
+    """Ops, bytes and FLOPs of one eager step after a warm-up step, and the activations kept."""
+    s = build(spec, mode, batch, device, precision, compile_step=False)
+    s.step(s.x, s.y, 1e-4)  # warm-up: the optimizer's state exists from here on
+    counter = OpCounter()
+    with counter:
+        counter.phase = "forward_backward"
+        s.step.forward_backward(s.x, s.y)
+        counter.phase = "update"
+        s.step.update(1e-4)
+    flops = FlopCounterMode(display=False, custom_mapping=IN_PLACE_GEMMS)
+    with flops:
+        s.step.forward_backward(s.x, s.y)
+    s.step.update(1e-4)
+    with SavedTensors(s.model, watch={}) as saved:
+        loss = s.step.loss_of(s.x, s.y)
+    kept = saved.activation_bytes()
+    del loss
+    return {"ops": sum(counter.ops.values()), "ops_update": counter.ops["update"],
+            "bytes_written": sum(counter.bytes.values()), "bytes_update": counter.bytes["update"],
+            "flops": flops.get_total_flops(), "activation_bytes": kept,
+            "trainable_tensors": len(s.step.params), "trainable_values": sum(p.numel() for p in s.step.params),
+            "top_ops": dict(counter.names.most_common(12))}
+
+
+KERNEL = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.M)  # one generated kernel each
+EXTERN = re.compile(r"\b(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.aten\.\w+(?:\.\w+)?)\(")
+
+
+def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
+    """The kernels inductor generates for the compiled step (forward, backward and update), and the
+    graph breaks: fused kernels it wrote, and the library calls (GEMMs, attention) it kept."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s = build(spec, mode, batch, device, precision, compile_step=True)
+    _, code = run_and_get_code(lambda: s.step(s.x, s.y, 1e-4))
+    s.step(s.x, s.y, 2e-4)  # a second step at another learning rate: no new graph
+    counters = torch._dynamo.utils.counters
+    fused = sum(len(KERNEL.findall(c)) for c in code)
+    calls = Counter(m for c in code for m in EXTERN.findall(c) if "empty" not in m and "reinterpret" not in m)
+    return {"graphs": len(code), "fused_kernels": fused, "library_calls": sum(calls.values()),
+            "kernels": fused + sum(calls.values()), "calls": dict(calls.most_common(8)),
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def timing(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_step: bool,
+           steps: int, warmup: int) -> dict:
+    s = build(spec, mode, batch, device, precision, compile_step)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        s.step(s.x, s.y, 1e-4)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = {"step_s_median": statistics.median(times), "step_s_min": min(times)}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                s.step(s.x, s.y, 1e-4)
+            sync(device)
+            wall = (time.perf_counter() - t0) / 3
+        kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0 and e.count)
+        out.update(profiled_wall_s=wall, kernel_s=kernel_us / 1e6 / 3)
+    return out
+
+
+def extrapolate(a: dict, b: dict, batch_a: int, batch_b: int, to: int) -> dict:
+    """Counts at batch `to` from two measurements, by the line through them (ops: as measured)."""
+    out = dict(b)
+    for key in ("bytes_written", "bytes_update", "flops", "activation_bytes"):
+        slope = (b[key] - a[key]) / (batch_b - batch_a)
+        out[key] = b[key] + slope * (to - batch_b)
+    return out
+
+
+def measure_model(name: str, spec: dict, args, device: torch.device) -> dict:
+    result = {"model": name, "spec": {k: v for k, v in spec.items() if k != "args"}, "args": spec["args"]}
+    (b1, b2), to = spec["batches"], spec["report_batch"]
+    for mode in ("full", "lte"):
+        print(f"[{name}] {mode}: counts at batches {b1}, {b2}", flush=True)
+        at = {b: counts(spec, mode, b, device, args.precision) for b in (b1, b2)}
+        row = {"at_batch": {str(b): v for b, v in at.items()}, "extrapolated": extrapolate(at[b1], at[b2], b1, b2, to)}
+        if not args.no_compile:
+            print(f"[{name}] {mode}: the compiled step's kernels", flush=True)
+            row["compiled"] = compiled_kernels(spec, mode, b1, device, args.precision)
+        if device.type == "cuda":
+            for compiled in (False, True):
+                row["eager" if not compiled else "compiled_timing"] = timing(
+                    spec, mode, spec["gpu_batch"], device, args.precision, compiled, args.steps, args.warmup)
+        result[mode] = row
+    return result
+
+
+def ratio(lte_value, full_value) -> str:
+    return f"{lte_value / full_value:.2f}x" if full_value else "-"
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        full, lt = r["full"]["extrapolated"], r["lte"]["extrapolated"]
+        to = r["spec"]["report_batch"]
+        lines += [f"### {r['model']} ({r['spec']['name']}, {r['spec']['heads']} heads x r{r['spec']['rank']}, "
+                  f"batch {to} by extrapolation)", "", "| per training step | full-rank | LTE | ratio |",
+                  "|---|---|---|---|"]
+        rows = [("aten ops (non-view), whole step", "ops", "{:,.0f}"),
+                ("aten ops in the update (clip + optimizer + zero)", "ops_update", "{:,.0f}"),
+                (f"bytes written by ops, batch {to}", "bytes_written", "{:,.0f}"),
+                (f"FLOPs forward + backward, batch {to}", "flops", "{:,.0f}"),
+                (f"activations kept for backward, batch {to}", "activation_bytes", "{:,.0f}"),
+                ("trainable tensors", "trainable_tensors", "{:,}"), ("trainable values", "trainable_values", "{:,}")]
+        for label, key, fmt in rows:
+            lines.append(f"| {label} | {fmt.format(full[key])} | {fmt.format(lt[key])} | {ratio(lt[key], full[key])} |")
+        if "compiled" in r["full"]:
+            f, lc = r["full"]["compiled"], r["lte"]["compiled"]
+            lines.append(f"| compiled step's kernels (fused + library calls) | {f['fused_kernels']} + "
+                         f"{f['library_calls']} | {lc['fused_kernels']} + {lc['library_calls']} | "
+                         f"{ratio(lc['kernels'], f['kernels'])} |")
+            lines.append(f"| compiled graphs / graph breaks | {f['graphs']} / {f['graph_breaks']} | "
+                         f"{lc['graphs']} / {lc['graph_breaks']} | |")
+        for key, label in (("eager", "eager"), ("compiled_timing", "compiled")):
+            if key in r["full"]:
+                f, lc = r["full"][key], r["lte"][key]
+                lines.append(f"| step time, {label} (median) | {f['step_s_median']:.4f} s | "
+                             f"{lc['step_s_median']:.4f} s | {ratio(lc['step_s_median'], f['step_s_median'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default=None, help="comma-separated, from " + ", ".join(MODELS) +
+                        " (default: vit_s32,gpt_small on a CPU, vit_s32,gpt2 on a GPU)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled step's kernel count")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (GPU)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/step_cost.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    names = (args.models or ("vit_s32,gpt2" if device.type == "cuda" else "vit_s32,gpt_small")).split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        sys.exit(f"step_cost: unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    results = [measure_model(n, MODELS[n], args, device) for n in names]
+    report = {"machine": machine(device), "precision": args.precision, "results": results}
+    path = write_json(args.out, report)
+    text = table(results)
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"-> {path}, {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
