@@ -15,11 +15,13 @@ apart), and the peak of a step is
     resident parameters and buffers + optimizer moments + gradients of the trained tensors
     + the tensors saved for backward at the end of the forward,
 
-for the parts resident on the device (with local chunks: the chunk and its proxy; the worst
-chunk is the peak). Transient workspace (a matmul's output before it is consumed, backward's
-temporaries) is not in it. Attention is counted as the fused kernel SDPA picks on CPUs and GPUs
-(it keeps q, k, v, the output and the log-sum-exp, not the T x T matrix; on the meta device SDPA
-would fall back to the unfused math path). The DDP worker is one process's full-rank step (its
+for the parts resident on the device (with local chunks: the chunk and its proxy; the worst chunk
+is the peak; with activation checkpointing, what is saved includes the checkpointed blocks' inputs
+and the largest block's activations, which its recomputation holds during its backward). Transient
+workspace (a matmul's output before it is consumed, backward's temporaries) is not in it. Attention
+is counted as the fused kernel SDPA picks on CPUs and GPUs (it keeps q, k, v, the output and the
+log-sum-exp, not the T x T matrix; on the meta device SDPA would fall back to the unfused math
+path). The DDP worker is one process's full-rank step (its
 gradient buckets, another gradient-sized buffer, are not counted: conservative for LTE). On a
 GPU the same steps run for real and the CUDA allocator's peak is reported next to the accounting.
 The matmul FLOPs of a step (forward and backward, counted on the meta device with FlopCounterMode;
@@ -47,8 +49,9 @@ from lte import core
 from lte.memory.accounting import SavedTensors
 from lte.models.gpt import gpt
 from lte.runtime import tasks
-from lte.runtime.chunks import LocalChunks
+from lte.runtime.chunks import LocalChunks, find_blocks
 from lte.runtime.engine import TrainStep
+from lte.runtime.recompute import recompute_blocks
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -115,8 +118,10 @@ ROWS = [  # label, options (None: the DDP worker)
     ("LTE, nf4 + LTE embedding", dict(base="nf4", embeddings="lte")),
     ("LTE, nf4 + LTE embedding + lora_fa + 4 chunks", dict(base="nf4", embeddings="lte", activations="lora_fa",
                                                            chunks=4)),
+    ("DDP worker, activation checkpointing", dict(full_rank=True, recompute=1)),
+    ("LTE, nf4 + activation checkpointing", dict(base="nf4", recompute=1)),
 ]
-LEANEST = ROWS[-1][1]
+LEANEST = ROWS[-3][1]  # the leanest LTE worker (the last rows are the checkpointed ones)
 BASELINE = "LTE, nf4 base"
 LOGITS_CHUNK_MB = 64.0  # the trainer's default train.logits_chunk_mb
 
@@ -128,24 +133,32 @@ def worker_model(spec: Spec, opts: dict | None, device) -> tuple[nn.Module, list
     real device is built as the trainer builds a parameter-server worker (lte.core.lean: never its
     fp32 model) and given a seeded base, layer by layer; a DDP worker is the plain model."""
     torch.manual_seed(0)
-    if opts is None or device.type == "meta":
+    every = (opts or {}).get("recompute", 0)  # train.activation_checkpointing=blocks:every
+    if not heads_of(opts) or device.type == "meta":
         with torch.device(device):
             model = spec.build()
     else:
         with core.params_on_meta():
             model = spec.build()
-    if opts is not None:
-        opts = {k: v for k, v in opts.items() if k != "chunks"}
+    if heads_of(opts):
+        opts = {k: v for k, v in opts.items() if k not in ("chunks", "recompute")}
         core.prepare(model, lte.LTEConfig(heads=spec.heads, rank=spec.rank, alpha=4096, velora_subtoken=spec.velora_m,
                                           **opts))
         if device.type != "meta":
             core.materialize(model, device)
             core.seeded_base(model, seed=0)
+    if every:
+        model._recomputed_blocks = recompute_blocks(model, every)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
 # ---- accounting --------------------------------------------------------------------------------
+
+def heads_of(opts: dict | None) -> bool:
+    """Whether a row's worker trains LTE heads (None, or full_rank: the DDP worker)."""
+    return opts is not None and not opts.get("full_rank")
+
 
 def nbytes(tensors) -> int:
     return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
@@ -172,6 +185,7 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
     """Bytes of one training step's peak on the meta device (see the module docstring)."""
     meta = torch.device("meta")
     model, params = worker_model(spec, opts, meta)
+    kept_inputs = checkpointed_inputs(model)  # activation checkpointing: what its blocks keep
     n = batch or spec.per_worker
     x, y = spec.batch(n, meta)
     chunks = (opts or {}).get("chunks", 1)
@@ -195,8 +209,8 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
         loss_fn = tasks.TrainingLoss.of(spec.task, model, LOGITS_CHUNK_MB)
         # backward inside the chunk's arrangement, as the trainer runs it: which tensors train must not
         # change between the forward and the loss chunks recomputed in backward
-        with arrange, FlopCounterMode(display=False) as flops:
-            with fused_attention_on_meta(), SavedTensors(model, watch={}) as saved:
+        with arrange, FlopCounterMode(display=False) as flops, fused_attention_on_meta():
+            with SavedTensors(model, watch={}) as saved:
                 with loss_fn.forward_mode():
                     outputs = model(x)
                 loss = loss_fn(outputs, y)
@@ -210,11 +224,35 @@ def account(spec: Spec, opts: dict | None, batch: int | None = None) -> dict:
         grads = nbytes(trained)
         activations = saved.activation_bytes()
         del loss
-        parts.append(dict(state=state, moments=moments, grads=grads, saved=activations,
-                          peak=state + moments + grads + activations, flops=flops.get_total_flops()))
+        recomputed = nbytes(kept_inputs) + (largest_block(spec, opts, n) if kept_inputs else 0)
+        kept_inputs.clear()
+        parts.append(dict(state=state, moments=moments, grads=grads, saved=activations, recomputed=recomputed,
+                          peak=state + moments + grads + activations + recomputed, flops=flops.get_total_flops()))
     worst = max(parts, key=lambda p: p["peak"])
     return {**worst, "chunks": parts if chunks > 1 else None, "trained_params": sum(p.numel() for p in params),
             "batch": n, "flops": sum(p["flops"] for p in parts)}
+
+
+def checkpointed_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """A list that fills, during a forward, with the inputs of the model's checkpointed blocks: what
+    they keep for backward (the saved-tensor hooks see none of it; the recomputation keeps its own)."""
+    kept: list[torch.Tensor] = []
+    if getattr(model, "_recomputed_blocks", 0):
+        for block in find_blocks(model)[1]:
+            if "forward" in block.__dict__:
+                block.register_forward_pre_hook(lambda m, args: kept.append(args[0]))
+    return kept
+
+
+def largest_block(spec: Spec, opts: dict, n: int) -> int:
+    """What the largest block keeps for backward without checkpointing: the activations one
+    checkpointed block holds again while its own backward runs (one at a time)."""
+    model, _ = worker_model(spec, {**opts, "recompute": 0}, torch.device("meta"))
+    x, y = spec.batch(n, torch.device("meta"))
+    blocks = dict(enumerate(find_blocks(model)[1]))
+    with fused_attention_on_meta(), SavedTensors(model, watch={str(i): b for i, b in blocks.items()}) as saved:
+        model(x)
+    return max(saved.activation_bytes(str(i)) for i in blocks)
 
 
 def plain_params(spec: Spec) -> int:
@@ -239,17 +277,17 @@ class StepRunner:
         self.spec, self.device = spec, device
         self.model, self.params = worker_model(spec, opts, device)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
-        self.heads = spec.heads if opts is not None else 1
+        self.heads = spec.heads if heads_of(opts) else 1
         self.batches, self.step = _Batches(spec, batch, device), 0
         chunks = (opts or {}).get("chunks", 1)
         self.chunks = LocalChunks(self.model, chunks, self.params, self.opt, device) if chunks > 1 else None
         self.loss = tasks.TrainingLoss.of(spec.task, self.model, LOGITS_CHUNK_MB)
-        self.train_step = TrainStep(self.model, self.loss, self.params, self.opt, heads=self.heads, grad_clip=1.0,
+        self.step_function = TrainStep(self.model, self.loss, self.params, self.opt, heads=self.heads, grad_clip=1.0,
                                     device=device, precision="fp32")
 
     def step_on(self, x, y, step=None, advance=True):
         x, y = x.to(self.device), y.to(self.device)  # local chunks keep the round's batches in host memory
-        loss = self.train_step(x, y, 1e-4)
+        loss = self.step_function(x, y, 1e-4)
         if advance:
             self.step += 1
         return loss
@@ -339,22 +377,28 @@ def cap_search(cap: int, device, real: bool, dry: bool, deadline: float) -> dict
 # ---- the simulated mode of configs/gpt2_tinystories.yaml ---------------------------------------
 
 SIMULATED = [("replicated embeddings (today's default)", dict(base="nf4")),
-             ("LTE embeddings (lte.embeddings=lte)", dict(base="nf4", embeddings="lte"))]
+             ("LTE embeddings (lte.embeddings=lte)", dict(base="nf4", embeddings="lte")),
+             ("LTE embeddings + activation checkpointing", dict(base="nf4", embeddings="lte", recompute=1))]
+STEP_WINDOWS = 512  # configs/gpt2_tinystories.yaml's windows a step
 
 
 def simulated(dry: bool, gpu_bytes: int = 80 * 2**30) -> dict:
     """One process holding all 32 heads of gpt2_tinystories (mode=lte): the fixed part (base, every head's
     trained tensors, their gradients and moments) and the activations per window of 1024 tokens, so the
-    windows a step can hold on one GPU of `gpu_bytes` (the config's 512 need gradient accumulation)."""
+    windows a step can hold on one GPU of `gpu_bytes`, and the micro-batches (train.grad_accum_steps) its 512
+    windows a step then need: the fewest that divides each head's 16 windows and fits."""
     spec = (gpt_spec("gpt-tiny", 64, 4, 4, vocab=512, ctx=64, heads=4, per_worker=4, rank=8) if dry else
             gpt_spec("gpt2-124m", *GPT_FAMILY["gpt2-124m"], heads=32, per_worker=32))
     out = {"heads": spec.heads, "gpu_bytes": gpu_bytes, "rows": {}}
     for label, opts in SIMULATED:
         acc = account(spec, opts)
         fixed = acc["state"] + acc["moments"] + acc["grads"]
-        per_window = acc["saved"] / acc["batch"]
-        out["rows"][label] = {**acc, "fixed": fixed, "saved_per_window": per_window,
-                              "windows_that_fit": max(0, int((gpu_bytes - fixed) // per_window))}
+        per_window = (acc["saved"] + acc["recomputed"]) / acc["batch"]
+        fit = max(0, int((gpu_bytes - fixed) // per_window))
+        per_head = STEP_WINDOWS // spec.heads
+        micro = next((k for k in range(1, per_head + 1) if per_head % k == 0 and STEP_WINDOWS // k <= fit), None)
+        out["rows"][label] = {**acc, "fixed": fixed, "saved_per_window": per_window, "windows_that_fit": fit,
+                              "grad_accum_steps": micro}
     return out
 
 
@@ -362,10 +406,11 @@ def simulated_table(sim: dict) -> str:
     lines = [f"\nSimulated mode, {sim['heads']} heads in one process (fp32 accounting; one GPU of "
              f"{sim['gpu_bytes'] / 2**30:g} GiB):",
              "| embeddings | base + heads + grads + moments (MiB) | saved per window (MiB) "
-             "| windows per step that fit |",
-             "|---|---|---|---|"]
+             f"| windows per step that fit | train.grad_accum_steps for {STEP_WINDOWS} windows |",
+             "|---|---|---|---|---|"]
     for label, r in sim["rows"].items():
-        lines.append(f"| {label} | {mb(r['fixed'])} | {mb(r['saved_per_window'])} | {r['windows_that_fit']} |")
+        lines.append(f"| {label} | {mb(r['fixed'])} | {mb(r['saved_per_window'])} | {r['windows_that_fit']} "
+                     f"| {r['grad_accum_steps'] or 'does not fit'} |")
     return "\n".join(lines)
 
 
@@ -429,7 +474,7 @@ def main() -> None:
     ratio = found["lte"][1] / found["ddp"][1] if found["ddp"] and found["lte"] else None
     result["cap_ratio"] = ratio
     print(f"\nUnder a cap of {cap / 2**30:g} GiB ({'measured' if device.type == 'cuda' else 'accounted'}): "
-          f"largest GPT as a DDP worker {found['ddp']}, as the leanest LTE worker ({ROWS[-1][0]}) {found['lte']}"
+          f"largest GPT as a DDP worker {found['ddp']}, as the leanest LTE worker ({ROWS[-3][0]}) {found['lte']}"
           + (f": {ratio:.1f}x the parameters" if ratio else ""))
     out = args.out or RESULTS / f"memory{'-dry' if args.dry_run else ''}-{device.type}.json"
     print(f"wrote {write_json(out, result)}")
@@ -444,7 +489,7 @@ def table(spec: Spec, rows: dict, timing: dict, device) -> str:
              + (" step time vs LTE nf4 |" if timing else ""),
              "|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "") + ("---|" if timing else "")]
     for label, r in rows.items():
-        cells = [label, mb(r["state"] + r["moments"] + r["grads"]), mb(r["saved"]), mb(r["peak"]),
+        cells = [label, mb(r["state"] + r["moments"] + r["grads"]), mb(r["saved"] + r["recomputed"]), mb(r["peak"]),
                  f"{r['peak'] / ddp:.2f}"]
         if device.type == "cuda":
             cells.append(mb(r["cuda_peak"]))

@@ -39,12 +39,33 @@ def clip_grad_norm_per_head_(params: Iterable[torch.Tensor], max_norm: float) ->
     return norms
 
 
-def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float = 0.0, **_) -> float:
     """LR multiplier: linear warmup over `warmup` steps, then cosine decay to min_ratio at `total`."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+DECAY_SHAPES = {"linear": lambda p: 1.0 - p, "1-sqrt": lambda p: 1.0 - math.sqrt(p)}
+
+
+def warmup_stable_decay(step: int, *, warmup: int, total: int, min_ratio: float = 0.0, decay_fraction: float = 0.2,
+                        decay_shape: str = "linear") -> float:
+    """LR multiplier: linear warmup over `warmup` steps, constant, then a decay to min_ratio over the
+    last decay_fraction of the steps, linear or 1-sqrt (1 - sqrt(progress)); a run can be extended
+    or compared at any step before its decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    decay = max(1, round(decay_fraction * total))
+    start = max(warmup, total - decay)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, total - start))
+    return min_ratio + (1.0 - min_ratio) * DECAY_SHAPES[decay_shape](progress)
+
+
+SCHEDULES = {"cosine": cosine_with_warmup, "wsd": warmup_stable_decay}  # train.schedule
 
 
 NORM_CHUNK = 1024  # values a chunk of a row's norm; HeadOptimizer's rows are whole chunks

@@ -56,6 +56,9 @@ class DDPTrainer(Trainer):
             return ddp
         return wrap
 
+    def devices(self) -> int:
+        return self.env.world
+
     def state(self) -> dict:
         # Every rank's counters are equal (a ring all-reduce is symmetric), so rank 0's stand for all.
         return {**super().state(), "comm": self.exchange.snapshot()}

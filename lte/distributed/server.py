@@ -34,7 +34,7 @@ from ..runtime.clock import RoundClock
 from ..runtime.config import Config
 from ..runtime.engine import eval_batches, evaluate
 from ..runtime.finish import Totals, finish_run, summary
-from ..runtime.log import RunLog, say
+from ..runtime.log import RunLog, Throughput, say
 from ..runtime.model import build_model, load_model_state
 from ..runtime.rundir import RunDir, Start
 from .comm import bytes_per_step
@@ -116,6 +116,8 @@ class ParameterServer(ABC):
         self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
         self.model = build_model(cfg, self.data, device)  # same seed: same init as the workers
         self.eval_set = eval_batches(cfg, self.data, device) if self.is_main else None
+        lm = self.data.task == "language_model"  # its rounds' rows give tokens/s too
+        self.speed = Throughput(device, getattr(self.data.train, "block_size", 0) if lm else 0)
         spec, _ = core.plan(self.model, cfg.lte_config())  # what a merge touches (no memory options)
         sd = self.model.state_dict(keep_vars=True)
         shapes = {k: tuple(sd[k].shape) for k in spec.master_keys()}
@@ -238,9 +240,9 @@ class ParameterServer(ABC):
                  else torch.full((1, len(STATS)), float("nan")))
         times = {"compute_s": stats[:, 1].mean().item(), **times}
         progress.add_times(times)
+        rate = steps * self.cfg.train.batch_size / max(now - progress.round_end, 1e-9)
         row = {"loss": stats[:, 0].mean().item(), "merges": progress.merges, "rejected_heads": progress.rejected,
-               "samples_per_s": steps * self.cfg.train.batch_size / max(now - progress.round_end, 1e-9),
-               **{f"round_{n}": times[n] for n in PHASES}}
+               **self.speed.rates(rate), **{f"round_{n}": times[n] for n in PHASES}}
         chunk_losses = {str(w + 1): v["stats"][len(STATS):].tolist()  # local chunks: each chunk's mean loss
                         for w, (p, v, ok) in enumerate(zip(self.protos, uploads.views, uploads.accepted))
                         if p.chunks > 1 and ok}

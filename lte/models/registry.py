@@ -57,3 +57,12 @@ def stated_sizes(model: nn.Module) -> tuple[int | None, int | None]:
     block = (getattr(model, "block_size", None) or getattr(config, "max_position_embeddings", None)
              or getattr(config, "n_positions", None))
     return (vocab if isinstance(vocab, int) else None), (block if isinstance(block, int) else None)
+
+
+def stated_depth(model: nn.Module) -> tuple[int | None, int | None]:
+    """(layers, width) a transformer states (lte's GPT config, or a transformers config), for its
+    attention FLOPs; None where it states none."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
+    return (layers if isinstance(layers, int) else None), (width if isinstance(width, int) else None)

@@ -39,8 +39,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "cuda")
 
 
-def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The model's list of blocks: the largest nn.ModuleList/nn.Sequential of >= 2 modules of one class."""
+def find_blocks(model: nn.Module, key: str = "worker.chunks > 1") -> tuple[str, list[nn.Module]]:
+    """The model's list of blocks: the largest nn.ModuleList/nn.Sequential of >= 2 modules of one
+    class (`key`: what needs them, for the error if there is none)."""
     best = None
     for path, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
@@ -52,7 +53,7 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
         if best is None or size > best[0]:
             best = (size, path, children)
     if best is None:
-        raise ModelError(f"worker.chunks > 1 needs a model with a list of blocks (an nn.ModuleList or "
+        raise ModelError(f"{key} needs a model with a list of blocks (an nn.ModuleList or "
                          f"nn.Sequential of blocks of one class, like a ViT's `blocks`); "
                          f"{type(model).__name__} has none")
     return best[1], best[2]
@@ -95,6 +96,7 @@ class LocalChunks:
         self._shapes: dict[int, list] = {}
         self._tap: list[torch.Tensor] | None = None
         self._input: torch.Tensor | None = None
+        self._step = None  # the engine's TrainStep, during a round (its micro-batches)
         self.offload = device.type == "cuda"
         self.chunk_losses: list[float] = []
 
@@ -210,11 +212,17 @@ class LocalChunks:
         chunks = self
 
         def forward(self_, x, *args, **kwargs):
-            out = inner(chunks._input if first else x, *args, **kwargs)
+            out = inner(chunks.feed() if first else x, *args, **kwargs)
             if end and chunks._tap is not None:
                 chunks._tap.append(out.detach().to("cpu") if chunks.offload else out.detach())
             return out
         return forward
+
+    def feed(self) -> torch.Tensor:
+        """The cached input of this chunk's first block: with micro-batches (train.grad_accum_steps),
+        the current micro-batch's part of it."""
+        step = self._step
+        return self._input if step is None else step.micro(self._input, step.micro_index)
 
     def _record(self, module):
         def hook(mod, args, output):
@@ -241,6 +249,7 @@ class LocalChunks:
         start = engine.step
         batches, cache = [], None
         self.chunk_losses = []
+        self._step = engine.step_function
         for chunk in range(self.count):
             self.place(chunk)
             outputs: list[torch.Tensor] = []
@@ -256,6 +265,8 @@ class LocalChunks:
                 feed = None if cache is None else cache[j].to(self.device, non_blocking=True)
                 with self.arranged(chunk, feed=feed, tap=outputs):  # per step: the caller runs code between steps
                     loss = engine.step_on(x, y, start + j, advance=last)
+                if not last:  # one output per step (a step of micro-batches tapped one per micro-batch)
+                    outputs[j:] = [self._step.join(outputs[j:])]
                 losses.append(loss)
                 if last:
                     if j == steps - 1:  # read at the round's end; a .item() per step would sync the device

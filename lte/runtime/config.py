@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from ..core.config import LTEConfig
 from ..core.download import Download, get_download
+from ..core.optim import DECAY_SHAPES, SCHEDULES
 from ..core.outer import OuterOptimizer
 from ..core.upload import UploadCodec, get_codec
 from ..errors import ConfigError
@@ -43,6 +44,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Keys that may change between the attempts of one run: they change how long it runs, how it is
 # observed or where it computes, not what it computes (a prefix ending in "." covers its section).
 FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
+             "train.activation_checkpointing", "train.peak_flops",
              "eval.", "checkpoint.",
              "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
              "dist.min_workers", "dist.emulate_link_mbps")
@@ -233,6 +235,12 @@ class TrainCfg(Section):
     logits_chunk_mb: float = 64.0  # language models: fp32 logits one chunk of the loss may hold; 0 = all at once
     device: str = "auto"         # auto | cpu | cuda
     log_every: int = 10          # steps between progress lines / metrics.jsonl rows
+    schedule: str = "cosine"     # cosine | wsd (warmup, constant, decay over the last decay_fraction of the steps)
+    decay_fraction: float = 0.2  # wsd: the share of the steps its decay takes
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
+    grad_accum_steps: int = 1    # micro-batches an optimizer step is the mean of (each batch_size / this)
+    activation_checkpointing: str = "none"  # none | blocks | blocks:K (every K-th block): recompute in backward
+    peak_flops: float = 0.0      # the device's peak FLOP/s for MFU; 0: a GPU's known bf16 dense peak, else no MFU
 
     def check(self, run):
         self.at_least("steps", 1)
@@ -246,18 +254,50 @@ class TrainCfg(Section):
         require(self.device in DEVICES, "train.device", f"must be one of {DEVICES}", self.device)
         self.at_least("log_every", 1)
         self.at_least("logits_chunk_mb", 0, "must be >= 0 (0: no chunks)")
+        require(self.schedule in SCHEDULES, "train.schedule", f"must be one of {tuple(SCHEDULES)}", self.schedule)
+        require(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]", self.decay_fraction)
+        require(self.decay_shape in DECAY_SHAPES, "train.decay_shape", f"must be one of {tuple(DECAY_SHAPES)}",
+                self.decay_shape)
+        if self.schedule != "wsd" and (self.decay_fraction != TrainCfg.decay_fraction
+                                       or self.decay_shape != TrainCfg.decay_shape):
+            raise ConfigError(f"train.decay_fraction and train.decay_shape shape the wsd schedule; "
+                              f"train.schedule={self.schedule} has no such decay: set train.schedule=wsd or leave them")
+        self.at_least("grad_accum_steps", 1)
+        self.checkpoint_every()
+        self.at_least("peak_flops", 0, "must be >= 0 (0: a GPU's known peak, else no MFU)")
         if run.mode == "lte":
             self.per_head(run.lte.heads)
 
     def split(self, parts: int, how: str) -> int:
         """Each part's share of a step's batch when it is cut into `parts` (`how`, for the error: how
-        it is cut), or a ConfigError."""
+        it is cut), each share into train.grad_accum_steps micro-batches, or a ConfigError."""
+        k = self.grad_accum_steps
         if self.batch_size % parts:
             raise ConfigError(f"train.batch_size={self.batch_size} does not split {how}")
+        if self.batch_size % (parts * k):
+            raise ConfigError(f"train.batch_size={self.batch_size} does not split {how} of "
+                              f"train.grad_accum_steps={k} micro-batches each; make it a multiple of {parts * k}")
         return self.batch_size // parts
 
     def per_head(self, heads: int) -> int:
         return self.split(heads, f"into lte.heads={heads} equal per-head batches; make it a multiple of lte.heads")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of step `step` (0-based) over train.lr: a pure function of the step."""
+        return SCHEDULES[self.schedule](step, warmup=self.warmup_steps, total=self.steps, min_ratio=self.min_lr_ratio,
+                                        decay_fraction=self.decay_fraction, decay_shape=self.decay_shape)
+
+    def checkpoint_every(self) -> int:
+        """Activation checkpointing: every how many blocks one is recomputed in backward (0: none)."""
+        value, key = self.activation_checkpointing, "train.activation_checkpointing"
+        if value == "none":
+            return 0
+        if value == "blocks":
+            return 1
+        name, _, every = value.partition(":")
+        if name != "blocks" or not every.isdigit() or int(every) < 1:
+            raise ConfigError(f"{key} must be none, blocks or blocks:K (every K-th block, K >= 1), got {value!r}")
+        return int(every)
 
 
 @dataclass

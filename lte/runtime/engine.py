@@ -16,10 +16,13 @@ from torch import nn
 
 from .. import core
 from ..data import EvalBatches, HeadBatches, TrainBatches
+from ..models import stated_depth
 from ..errors import ConfigError
 from .chunks import LocalChunks
 from .config import Config
+from .log import Throughput, flops_per_token, peak_flops
 from .model import build_model, load_model_state
+from .recompute import recompute_blocks
 from .tasks import Metrics, TrainingLoss
 
 
@@ -70,13 +73,18 @@ class TrainStep:
     """One optimizer step: forward and loss, backward, the clip (per head with heads > 1: with one
     head, per-head and global clipping are the same thing), the optimizer's step at the step's
     learning rate, and the gradients zeroed. `compile` (train.compile): the forward and backward
-    compiled, and a HeadOptimizer's clip and step compiled as a second graph."""
+    compiled, and a HeadOptimizer's clip and step compiled as a second graph.
+
+    With `accum` micro-batches (train.grad_accum_steps) the gradient is the mean of theirs: micro-batch
+    j holds every head's j-th share of its own slice, so a head still sees only its own samples, and
+    a DDP model all-reduces on the last only (no_sync on the others)."""
 
     def __init__(self, forward, loss_fn: TrainingLoss, params: list[torch.Tensor], optimizer, *, heads: int,
-                 grad_clip: float, device: torch.device, precision: str, compile: bool = False):
+                 grad_clip: float, device: torch.device, precision: str, compile: bool = False, accum: int = 1):
         self.forward = torch.compile(forward) if compile else forward
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.heads, self.grad_clip, self.device, self.precision = heads, grad_clip, device, precision
+        self.accum, self.micro_index = accum, 0
         if compile and isinstance(optimizer, core.HeadOptimizer):
             optimizer.compile()
 
@@ -93,10 +101,28 @@ class TrainStep:
             return self.loss_fn(outputs, y)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_of(x, y)
-        # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean.
-        (loss * self.heads).backward()
-        return loss.detach()
+        """Every micro-batch's forward and backward; the step's mean loss."""
+        total = None
+        for j in range(self.accum):
+            self.micro_index = j
+            sync = j == self.accum - 1 or not hasattr(self.forward, "no_sync")
+            with contextlib.nullcontext() if sync else self.forward.no_sync():
+                loss = self.loss_of(self.micro(x, j), self.micro(y, j))
+                # Each head optimises the mean loss of its own slice: the sum of per-head means is N * mean
+                # (and a micro-batch's mean is 1/accum of the step's).
+                (loss * (self.heads / self.accum)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total if self.accum == 1 else total / self.accum
+
+    def micro(self, t: torch.Tensor, j: int) -> torch.Tensor:
+        """Micro-batch j's part of a tensor laid out as the step's batch (heads' slices in order)."""
+        return t if self.accum == 1 else t.unflatten(0, (self.heads, self.accum, -1))[:, j].flatten(0, 1)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The step's batch again from its micro-batches' parts (the inverse of micro)."""
+        if self.accum == 1:
+            return parts[0]
+        return torch.stack([p.unflatten(0, (self.heads, -1)) for p in parts], dim=1).flatten(0, 2)
 
     @torch.no_grad()
     def update(self, lr: float) -> None:
@@ -134,6 +160,7 @@ class Engine:
         self.cfg, self.data, self.device = cfg, data, device
         self.heads = heads
         self.model, self.lean = self.build(lte, lean and heads is not None)
+        self.recompute()
         self.batches = TrainBatches(data.train, HeadBatches(len(data.train), per_stream, cfg.seed, streams,
                                                             data.sampling),
                                     steps=cfg.train.steps, workers=data.workers, device=device,
@@ -149,26 +176,42 @@ class Engine:
         self.loss = TrainingLoss.of(data.task, self.model, t.logits_chunk_mb)
         self.step_function = TrainStep(forward, self.loss, self.params, self.optimizer,
                                        heads=1 if heads is None else len(heads), grad_clip=t.grad_clip, device=device,
-                                       precision=t.precision, compile=t.compile)
+                                       precision=t.precision, compile=t.compile, accum=t.grad_accum_steps)
         self.step = 0
 
     def build(self, lte: core.LTEConfig | None, lean: bool) -> tuple[nn.Module, bool]:
         """The model (prepared with the heads, if any), and whether it was built lean."""
         if lean:
-            model = core.prepare(build_model(self.cfg, self.data, None), lte, first_head=self.heads.start)
+            plain = build_model(self.cfg, self.data, None)
+            self.model_params = sum(p.numel() for p in plain.parameters())
+            model = core.prepare(plain, lte, first_head=self.heads.start)
             if not core.unfilled(model):
                 core.materialize(model, self.device)
                 return model, True
         model = build_model(self.cfg, self.data, self.device)
+        self.model_params = sum(p.numel() for p in model.parameters())  # the model's own, before any heads
         if self.heads is not None:
             model = core.prepare(model, lte, first_head=self.heads.start)
         return model, False
 
-    def lr_at(self, step: int) -> float:
-        """The learning rate of step `step` (0-based): linear warm-up, then cosine decay."""
+    def throughput(self, devices: int = 1) -> Throughput:
+        """The meter of this run's speed: samples/s, and for a language model tokens/s and MFU (the
+        model's FLOPs, 6 N per token plus attention, over `devices` x the peak)."""
         t = self.cfg.train
-        return self.base_lr * core.cosine_with_warmup(step, warmup=t.warmup_steps, total=t.steps,
-                                                      min_ratio=t.min_lr_ratio)
+        tokens = getattr(self.data.train, "block_size", 0) if self.data.task == "language_model" else 0
+        layers, width = stated_depth(self.model)
+        return Throughput(self.device, tokens, flops_per_token(self.model_params, layers, width, tokens),
+                          peak_flops(self.device, t.precision, t.peak_flops), devices)
+
+    def recompute(self) -> None:
+        """train.activation_checkpointing: the chosen blocks recompute their activations in backward."""
+        every = self.cfg.train.checkpoint_every()
+        if every:
+            recompute_blocks(self.model, every)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): train.schedule's (warm-up, then cosine or wsd)."""
+        return self.base_lr * self.cfg.train.lr_factor(step)
 
     def train_round(self, steps: int):
         """Train one round of `steps` steps; yields each step's loss as its step completes (with

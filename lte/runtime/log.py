@@ -81,8 +81,12 @@ def progress_line(step: int, steps: int, metrics: dict) -> str:
         parts.append(f"loss {metrics['loss']:.4f}")
     if "lr" in metrics:
         parts.append(f"lr {metrics['lr']:.2e}")
-    if "samples_per_s" in metrics:
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
+    elif "samples_per_s" in metrics:
         parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
+    if "mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     if "merges" in metrics:
         parts.append(f"merges {metrics['merges']}")
     if "chunk_losses" in metrics:  # local chunks: each chunk's loss (per worker rank on a parameter server)
@@ -105,23 +109,57 @@ def peak_memory(device: torch.device) -> dict:
             "peak_memory_kind": "cpu_max_rss"}
 
 
-class Throughput:
-    """Samples per second over the steps since the last read (wall clock, after a device sync)."""
+# Dense bf16 peak FLOP/s by GPU name (the vendors' figures, without sparsity), for MFU.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+             "L40": 181e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
-    def __init__(self, device: torch.device):
-        self.device = device
+
+def peak_flops(device: torch.device, precision: str, configured: float) -> float | None:
+    """The peak FLOP/s MFU is measured against: train.peak_flops, else a known GPU's bf16 peak (bf16
+    runs only), else None."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def flops_per_token(params: int, layers: int | None, width: int | None, tokens: int) -> float:
+    """A language model's training FLOPs per token, as nanoGPT counts them: 6 N for the weights'
+    products forward and backward, plus 12 L d T for attention over T positions."""
+    return 6 * params + (12 * layers * width * tokens if layers and width else 0)
+
+
+class Throughput:
+    """Samples per second over the steps since the last read (wall clock, after a device sync); for
+    a language model also tokens per second and, where a peak is known, model-FLOPs utilisation
+    (the model's FLOPs per token times tokens per second, over `devices` x the peak)."""
+
+    def __init__(self, device: torch.device, tokens_per_sample: int = 0, flops_per_token: float = 0.0,
+                 peak: float | None = None, devices: int = 1):
+        self.device, self.tokens_per_sample = device, tokens_per_sample
+        self.flops_per_token, self.peak, self.devices = flops_per_token, peak, devices
         self.t0, self.samples = time.perf_counter(), 0
 
     def add(self, samples: int) -> None:
         self.samples += samples
 
-    def read(self) -> float:
+    def read(self) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         rate = self.samples / max(now - self.t0, 1e-9)
         self.t0, self.samples = now, 0
-        return rate
+        return self.rates(rate)
+
+    def rates(self, samples_per_s: float) -> dict:
+        out = {"samples_per_s": samples_per_s}
+        if self.tokens_per_sample:
+            out["tokens_per_s"] = tokens = samples_per_s * self.tokens_per_sample
+            if self.peak and self.flops_per_token:
+                out["mfu"] = tokens * self.flops_per_token / (self.peak * self.devices)
+        return out
 
 
 def _bar(steps: int, start: int):

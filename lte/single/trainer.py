@@ -80,11 +80,15 @@ class Trainer:
     def summary_extra(self) -> dict:
         return {}
 
+    def devices(self) -> int:
+        """The devices a step's samples are spread over (for MFU): one here, a DDP rank's world there."""
+        return 1
+
     # the loop ----------------------------------------------------------------------------
     def run(self, start: Start) -> dict:
         self.begin(start)
         self.model.train()
-        meter, pending = Throughput(self.device), []
+        meter, pending = self.engine.throughput(self.devices()), []
         t0 = time.perf_counter()
         for loss in self.steps():
             if self.is_main:  # only the logging process keeps the losses it will report
@@ -117,8 +121,8 @@ class Trainer:
         if clock.ends_round(step) and engine.chunks is not None:
             row["chunk_losses"] = engine.chunks.chunk_losses
         if clock.logs(step):
-            row.update(loss=torch.stack(pending).mean().item(), lr=engine.lr_at(step - 1),
-                       samples_per_s=meter.read(), merges=self.merges)
+            row.update(loss=torch.stack(pending).mean().item(), lr=engine.lr_at(step - 1), **meter.read(),
+                       merges=self.merges)
             pending.clear()
         if clock.evaluates(step):
             with engine.resident(), self.newest():
