@@ -112,18 +112,19 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
 
 
 def run_train(cmd: list[str], out_dir: str | Path, *, log: str | Path | None = None,
-              timeout: float | None = None) -> dict:
+              timeout: float | None = None, env: dict | None = None) -> dict:
     """Run an lte-train command (train_command) from the repository to its end and return the
     summary.json it wrote in out_dir. Its output goes to the file `log`, else is captured; a run that
-    fails stops the benchmark with the end of that output."""
+    fails stops the benchmark with the end of that output. `env`: variables added (LTE_FAULT)."""
+    env = {**child_env(), **(env or {})}
     if log is None:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     else:
         log = Path(log)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   timeout=timeout)
         tail = f"(all of it in {log})\n{log.read_text()[-3000:]}"
     if proc.returncode:

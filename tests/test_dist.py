@@ -323,6 +323,7 @@ def test_sharded_server_equals_one_server_and_resumes_exactly(tmp_path):
     s = summary(tmp_path / "two")
     assert s["eval"] == summary(tmp_path / "one")["eval"] and s["base_check"] == "match"
     assert [r["rank"] for r in s["comm"]["per_rank"]] == [0, 1, 2, 3] and s["comm"]["servers"] == 2
+    assert len(s["server_peak_memory_bytes"]) == 2  # each shard's (benchmarks/shard_memory.py compares them)
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == [
         "checkpoint-000000040.dcp", "checkpoint-000000040.pt", "checkpoint-000000050.dcp", "checkpoint-000000050.pt"]
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import DIGITS, ROOT, child_env, final, metrics, run_command, small, summary, train_command
 from lte.distributed.membership import Door, Knock, _proof
@@ -140,6 +141,20 @@ def test_straggler_past_the_deadline_is_late_and_does_not_hold_the_round(tmp_pat
     assert "rank 2 was late for round 3" in run.output("server")
 
 
+def test_an_upload_one_round_late_is_merged_stale_with_dist_late_stale(tmp_path, elastic):
+    """Round 3 closes at its 3 s deadline without rank 2, whose upload comes during round 4: it goes
+    into merge 4 (beside rank 2's own upload of round 4) instead of being dropped."""
+    run = elastic("lte.heads=4", "worker.heads=2", "train.steps=100", "dist.round_deadline_s=3", "dist.late=stale")
+    w1 = run.join("w1", "--slot", "0")
+    w2 = run.join("w2", "--slot", "1", env={"LTE_FAULT": "sleep:rank=2:round=3:seconds=4.5"})
+    assert run.wait(run.server) == 0, run.output("server")
+    assert run.wait(w1) == 0 and run.wait(w2) == 0
+    straggler = summary(tmp_path / "run")["elastic"][1]
+    assert straggler["rounds_late"] == 1 and straggler["rounds_merged_stale"] == 1, straggler
+    assert straggler["rounds"] == [[1, 2], [4, 10]], straggler
+    assert "rank 2 was late for round 3: its upload is merged one round stale" in run.output("server")
+
+
 def test_wrong_token_and_wrong_config_are_refused_while_the_run_goes_on(tmp_path, elastic):
     token = {"LTE_JOIN_TOKEN": "s3cret-for-the-test"}
     run = elastic("lte.heads=4", "worker.heads=2", "train.steps=20", env=token)
@@ -202,3 +217,34 @@ def test_a_restarted_server_resumes_from_its_checkpoint_and_the_workers_join_aga
     s = summary(tmp_path / "run")
     assert s["steps"] == 60 and s["merges"] == 6 and s["attempts"] == 2
     assert [r["joins"] for r in s["elastic"]] == [2, 2] and [r["rounds"] for r in s["elastic"]] == [[[1, 6]]] * 2
+
+
+def test_an_altered_and_a_replayed_message_end_their_links_while_the_others_go_on(tmp_path, elastic):
+    """Signed links (LTE_JOIN_TOKEN set): rank 2 flips a byte of its upload of round 3 after signing it,
+    rank 3 sends an old message again in round 4; each link ends with its reason, rank 1 finishes."""
+    token = {"LTE_JOIN_TOKEN": "s3cret-for-the-test"}
+    run = elastic("lte.heads=3", "worker.heads=1", "train.batch_size=63", "lte.merge_every=5", "train.steps=30",
+                  env=token)
+    faults = {1: {}, 2: {"LTE_FAULT": "flip:rank=2:round=3"}, 3: {"LTE_FAULT": "replay:rank=3:round=4"}}
+    workers = [run.join(f"w{r}", "--slot", str(r - 1), env={**token, **f}) for r, f in faults.items()]
+    assert run.wait(run.server) == 0, run.output("server")
+    log = run.output("server")
+    assert re.search(r"rank 2 left at round 3: .*message \d+ from the worker failed its signature check", log), log
+    assert re.search(r"rank 3 left at round 4: .*message \d+ from the worker failed its signature check", log), log
+    rounds = {r["rank"]: r for r in summary(tmp_path / "run")["elastic"]}
+    assert rounds[1]["rounds_contributed"] == 6 and rounds[2]["rounds"] == [[1, 2]] and rounds[3]["rounds"] == [[1, 3]]
+    assert run.wait(workers[0]) == 0
+
+
+def test_signed_links_give_the_weights_of_unsigned_ones(tmp_path):
+    weights = []
+    for name, env in (("unsigned", {}), ("signed", {"LTE_JOIN_TOKEN": "s3cret-for-the-test"})):
+        (tmp_path / name).mkdir()
+        run = Run(tmp_path / name, "lte.heads=4", "worker.heads=2", "lte.merge_every=5", "train.steps=10", env=env)
+        try:
+            workers = [run.join(f"w{i}", "--slot", str(i), env=env) for i in range(2)]
+            assert run.wait(run.server) == 0 and all(run.wait(w) == 0 for w in workers), run.output("server")
+        finally:
+            run.kill()
+        weights.append(final(tmp_path / name / "run"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -133,3 +133,17 @@ def test_worker_model_with_quantized_base_cannot_merge_locally():
     ref.load_state_dict(exported)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     assert F.cosine_similarity(exported["0.weight"].flatten(), tiny()[0].weight.flatten(), dim=0) > 0.95
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_4bit_encode_in_pieces_gives_bitsandbytes_codes_of_the_whole_tensor(quant_type):
+    """Large tensors are encoded ENCODE_PIECE values at a time (bounded temporaries on a server);
+    the codes and scales must be those of one bitsandbytes call, an odd last piece included."""
+    import bitsandbytes.functional as bnbf
+
+    from lte.memory.base_formats import ENCODE_PIECE, FORMATS
+
+    w = torch.randn(ENCODE_PIECE * 2 + 2 * 64 + 5, generator=torch.Generator().manual_seed(0)).view(-1, 1)
+    got = FORMATS[quant_type]().encode(w)
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type=quant_type)
+    assert torch.equal(got[""].view(-1), packed.view(-1)) and torch.equal(got["absmax"], state.absmax.float())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .outer import OuterOptimizer
+from .robust import Outcome, Robust, change_norms
 
 HEADS_SUFFIX = "_heads"
 
@@ -73,30 +74,67 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_into(master: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], spec: MergeSpec,
-               keep: torch.Tensor | None = None, outer: OuterOptimizer | None = None) -> None:
+               keep: torch.Tensor | None = None, outer: OuterOptimizer | None = None,
+               robust: Robust | None = None) -> Outcome | None:
     """Apply one merge to `master` in place.
 
     heads holds every head's tensors stacked on dim 0 in global head order; `keep` (a bool mask
     over heads) leaves some out, and the average is then over the kept heads only. `outer` (an
     active OuterOptimizer) takes each master tensor's merged change as its pseudo-gradient.
+    `robust` (lte.core.robust) clips or drops the kept heads whose change is an outlier; what it
+    did to each kept head (in their order) is returned.
     """
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if keep is None else t[keep.to(t.device)]
 
-    outer = outer if outer is not None and outer.active else None
-    for layer in spec.layers:
-        A, B = heads[key(layer, "lora_A")], heads[key(layer, "lora_B")]
-        if spec.resetless:
-            A = torch.cat([A, heads[key(layer, "lora_A0")]], dim=1)
-            B = torch.cat([B, -heads[key(layer, "lora_B0")]], dim=2)
-        W = spec.matrix(layer, master[key(layer, "weight")])
-        change = lora_delta(pick(A).to(W.device), pick(B).to(W.device), spec.scale)
+    weights = {layer: spec.matrix(layer, master[key(layer, "weight")]) for layer in spec.layers}
+    factors = {layer: tuple(t.to(weights[layer].device) for t in _factors(heads, layer, spec, pick))
+               for layer in spec.layers}
+    copies = {name: pick(heads[name + HEADS_SUFFIX]).float().to(master[name].device) for name in spec.replicas}
+    outcome, heads_merged = None, next(iter(factors.values()))[0].shape[0]  # a prepared model has a layer
+    if robust is not None and robust.active and heads_merged > 1:
+        factors, copies, outcome = _robust(robust, master, factors, copies, spec)
+    _apply(master, weights, factors, copies, spec, outer if outer is not None and outer.active else None)
+    return outcome
+
+
+def _factors(heads, layer: str, spec: MergeSpec, pick) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's (A, B) as the merge takes them: with reset="none", what changed since the last merge."""
+    A, B = heads[key(layer, "lora_A")], heads[key(layer, "lora_B")]
+    if spec.resetless:
+        A = torch.cat([A, heads[key(layer, "lora_A0")]], dim=1)
+        B = torch.cat([B, -heads[key(layer, "lora_B0")]], dim=2)
+    return pick(A), pick(B)
+
+
+def _robust(robust: Robust, master, factors: dict, copies: dict, spec: MergeSpec):
+    """The heads as the robust rule leaves them: a clipped head's B and replica changes scaled, a
+    dropped head left out. A head the rule leaves alone keeps its tensors bit for bit (a replica
+    copy rebuilt as master + change would not be), so a run where it never bites is the plain one."""
+    changes = {name: c - master[name].float() for name, c in copies.items()}
+    norms = change_norms(list(factors.values()), list(changes.values()), spec.scale)
+    scale, outcome = robust.factors(norms.cpu())
+    kept = ~outcome.dropped
+    bounds = lambda column, t: scale[:, column].to(t).view(-1, *([1] * (t.dim() - 1)))  # noqa: E731
+    layers = {layer: (A[kept.to(A.device)], (B * bounds(i, B))[kept.to(B.device)])  # x 1.0 is exact
+              for i, (layer, (A, B)) in enumerate(factors.items())}
+    replicas = {}
+    for j, (name, c) in enumerate(copies.items()):
+        f = bounds(len(factors) + j, c)
+        replicas[name] = torch.where(f < 1, master[name].float() + changes[name] * f, c)[kept.to(c.device)]
+    return layers, replicas, outcome
+
+
+def _apply(master, weights: dict, factors: dict, copies: dict, spec: MergeSpec, outer: OuterOptimizer | None):
+    for layer, W in weights.items():
+        A, B = factors[layer]
+        change = lora_delta(A, B, spec.scale)
         if outer is None:
             W.add_(change.to(W.dtype))
         else:
             outer.apply(key(layer, "weight"), W, change)
-    for name in spec.replicas:
-        mean = pick(heads[name + HEADS_SUFFIX]).float().mean(0).to(master[name].device)
+    for name, stack in copies.items():
+        mean = stack.mean(0)
         if outer is None:
             master[name].copy_(mean)
         else:

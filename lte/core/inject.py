@@ -22,6 +22,7 @@ from .init import init_lora_A
 from .linear import CARRIED, LINEAR_TYPES, LTELinear, linear_type
 from .algebra import HEADS_SUFFIX, MergeSpec, key as _join, merge_into
 from .outer import OuterOptimizer
+from .robust import Robust
 from .upload import Uploader, through_uploads
 from .replica import HeadSplit, make_headwise, replicate, split_batches
 
@@ -251,7 +252,7 @@ def reset_heads(model: nn.Module, heads: list[int] | None = None, redraw: bool |
 
 
 def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-          outer: OuterOptimizer | None = None, upload: Uploader | None = None) -> None:
+          outer: OuterOptimizer | None = None, upload: Uploader | None = None, robust: Robust | None = None):
     """Merge every head into the weights, then reset the heads (per cfg.reset).
 
     W += (s/N) sum_h B_h A_h is computed in fp32 as one matmul per layer; replicated parameters
@@ -259,13 +260,16 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     given, the moments of the re-drawn factors are cleared. `outer` (lte.OuterOptimizer, kept by
     the caller across merges) steps each master tensor with the merged change as its
     pseudo-gradient instead. `upload` (lte.core.upload.Uploader, kept across merges for its error
-    feedback) merges what a parameter server would receive of the heads in its codec.
+    feedback) merges what a parameter server would receive of the heads in its codec. `robust`
+    (lte.core.robust) clips or drops the heads whose change is an outlier; what it did to each head
+    is returned (None without it).
     """
     state, master, heads = state_of(model), master_state(model), head_state(model)
     if upload is not None:
         heads = through_uploads(heads, master, state.spec.trained_keys(not state.activations.trains_A), upload)
-    merge_into(master, heads, state.spec, outer=outer)
+    outcome = merge_into(master, heads, state.spec, outer=outer, robust=robust)
     finish_merge(model, optimizer)
+    return outcome
 
 
 def finish_merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

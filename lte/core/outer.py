@@ -59,17 +59,20 @@ class OuterOptimizer:
         return f"OuterOptimizer(kind={self.kind!r}, lr={self.lr}, momentum={self.momentum})"
 
     def step(self, change: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The move of a master tensor, from its merged change d and its momentum m (already m <- mu m + d)."""
+        """The move of a master tensor, from its merged change d and its momentum m (already
+        m <- mu m + d), written into change's buffer."""
         return change
 
     @torch.no_grad()
     def apply(self, name: str, target: torch.Tensor, change: torch.Tensor) -> None:
-        """Move `target` (a master tensor, or a view of it) by the merged `change` d."""
+        """Move `target` (a master tensor, or a view of it) by the merged `change` d. change is
+        consumed: the move is computed in its buffer, so a merge needs no master-sized temporary
+        beyond it (a 1B master's largest tensors are 250 MiB each)."""
         m = self.momenta.get(name)
         if m is None:
             m = self.momenta[name] = torch.zeros(change.shape, dtype=torch.float32, device=change.device)
         m.mul_(self.momentum).add_(change)
-        target.add_(self.step(change, m).mul(self.lr).to(target.dtype))
+        target.add_(self.step(change, m).mul_(self.lr).to(target.dtype))
 
     def describe(self) -> str:
         return f"outer {self.kind} (lr {self.lr:g}, momentum {self.momentum:g})" if self.active else ""
@@ -93,14 +96,14 @@ class SGD(OuterOptimizer):
     kind, active = "sgd", True
 
     def step(self, change, m):
-        return m
+        return change.copy_(m)
 
 
 class Nesterov(OuterOptimizer):
     kind, active = "nesterov", True
 
     def step(self, change, m):
-        return change.add(m, alpha=self.momentum)
+        return change.add_(m, alpha=self.momentum)
 
 
 OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {c.kind: c for c in (OuterOptimizer, SGD, Nesterov)}

@@ -26,6 +26,7 @@ from torch import nn
 
 from .algebra import HEADS_SUFFIX, merge_into
 from .outer import OuterOptimizer
+from .robust import Robust
 from .inject import finish_merge, head_state, lte_layers, master_state, state_of
 from .upload import Uploader, through_uploads
 
@@ -79,7 +80,7 @@ class OverlappedMerge:
 
     @torch.no_grad()
     def merge(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, outer: OuterOptimizer | None,
-              upload: Uploader, settle: bool) -> None:
+              upload: Uploader, settle: bool, robust: Robust | None = None):
         """lte.core.merge one round stale: the heads' change goes into the master ahead, and the base
         becomes the master as it was before this merge (or after it, if the round settles)."""
         state, base, heads = state_of(model), master_state(model), head_state(model)
@@ -92,11 +93,12 @@ class OverlappedMerge:
         else:
             self.carry.take(model)
             _copy(base, self.master)
-        merge_into(self.master, heads, state.spec, outer=outer)
+        outcome = merge_into(self.master, heads, state.spec, outer=outer, robust=robust)
         if settle:
             _copy(base, self.master)
         finish_merge(model, optimizer)
         self.carry.restart(model)
+        return outcome
 
     @contextmanager
     def newest(self, model: nn.Module):

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import core
+from .. import core, faults
+from ..core.algebra import HEADS_SUFFIX
 from ..errors import UserError
 from ..runtime.config import Config, resolve_heads
 from ..runtime.log import say
@@ -96,13 +97,15 @@ class SlotRecord:
     joins: int = 0
     contributed: list = field(default_factory=list)  # the merges (1-based) its heads took part in
     late: int = 0
+    stale: int = 0            # of its late uploads, those merged one round stale (dist.late=stale)
     dropped: int = 0          # rounds it left in the middle of (died, hung past dist.timeout_s)
     sent: int = 0             # bytes of links that have closed (open links count their own)
     received: int = 0
 
     def describe(self, slot: int) -> dict:
         return {"rank": slot + 1, "joins": self.joins, "rounds_contributed": len(self.contributed),
-                "rounds_late": self.late, "rounds_dropped": self.dropped, "rounds": _spans(self.contributed)}
+                "rounds_late": self.late, "rounds_merged_stale": self.stale, "rounds_dropped": self.dropped,
+                "rounds": _spans(self.contributed)}
 
 
 def _spans(numbers: list[int]) -> list[list[int]]:
@@ -135,6 +138,8 @@ class ElasticServer(ParameterServer):
         self.records = [SlotRecord() for _ in range(slots)]
         self.on_time: dict[int, torch.Tensor] = {}  # this round's uploads, by slot
         self.merged = torch.zeros(slots, dtype=torch.int64)  # the slots the last merge took
+        self.stale: list = []  # late uploads the next merge takes (dist.late=stale)
+        self.replicas_before: dict[str, torch.Tensor] = {}
         self.stopping = False
         say(f"lte-train serve: listening on {host}:{self.door.port} for {slots} worker slot(s); "
             f"join with: lte-train join --server {host}:{self.door.port} --config ... (same config)")
@@ -214,10 +219,26 @@ class ElasticServer(ParameterServer):
             if tag == progress.merges and not self.stopping:
                 self.on_time[m.slot] = buf
             elif not self.stopping:
-                self.records[m.slot].late += 1
-                self._say(f"rank {m.slot + 1} was late for round {tag + 1}: its upload is dropped")
-                self.reply(m, progress, accepted=False)
+                self.late(m, tag, buf, progress)
         return m, kind, payload
+
+    def late(self, m: Member, tag: int, buf: torch.Tensor, progress: Progress) -> None:
+        """An upload after its round closed: with dist.late=stale one round late (and finite), merged
+        into the next merge; else dropped. Its worker gets the current base at once."""
+        self.records[m.slot].late += 1
+        proto = self.protos[m.slot]
+        view = proto.upload.unpack(buf)
+        stale = self.cfg.dist.late == "stale" and tag == progress.merges - 1 and proto.finite(view)
+        if stale:
+            if not proto.changes:  # replica values trained from the previous base: as values against this one
+                for name in proto.spec.replicas:
+                    copies = view[name + HEADS_SUFFIX]
+                    copies += (self.master[name] - self.replicas_before[name]).to(copies)
+            self.stale.append((m.slot, view, tag))
+            self.records[m.slot].stale += 1
+        self._say(f"rank {m.slot + 1} was late for round {tag + 1}: its upload is "
+                  f"{'merged one round stale' if stale else 'dropped'}")
+        self.reply(m, progress, accepted=stale)
 
     def _leave(self, m: Member, why: str, progress: Progress) -> None:
         if self.members.get(m.slot) is not m:
@@ -287,13 +308,17 @@ class ElasticServer(ParameterServer):
         views: list = [None] * self.workers
         for slot, buf in self.on_time.items():
             views[slot] = self.protos[slot].upload.unpack(buf)
-        return self.uploads(views, time.perf_counter() - self.opened)
+        uploads = self.uploads(views, time.perf_counter() - self.opened)
+        uploads.stale, self.stale = self.stale, []
+        # the replicas as this merge finds them: what the uploads now late will have trained from
+        self.replicas_before = {n: self.master[n].detach().clone() for n in self.protos[0].spec.replicas}
+        return uploads
 
     def deliver(self, uploads: Uploads, progress: Progress) -> None:
         """The round's members get the new base; the last round's get it with the order to stop (close)."""
-        for slot, ok in enumerate(uploads.accepted):
-            if ok:
-                self.records[slot].contributed.append(progress.merges)
+        merged = {slot for slot, ok in enumerate(uploads.accepted) if ok} | {slot for slot, _, _ in uploads.stale}
+        for slot in sorted(merged):
+            self.records[slot].contributed.append(progress.merges)
         self.merged = uploads.accepted
         if progress.step < self.cfg.train.steps:
             self.open_round(progress)
@@ -358,6 +383,7 @@ class ElasticWorker(Worker):
                 self.send_digests()  # the server keeps no worker state: no state upload, no counters
                 return
             loss, compute_s = self.train_round()
+            self.link.fault = faults.link_fault(self.env.worker, header["merges"] + 1)  # tests: a bad message
             self.link.send(torch.tensor([header["merges"]], dtype=DOWN), "an upload header")
             self.upload(header["merges"] + 1, loss, compute_s)
 

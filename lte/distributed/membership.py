@@ -13,8 +13,12 @@ a join token (LTE_JOIN_TOKEN in the environment of the server and the workers, n
 line), a request also proves that it knows the token (an HMAC of the run's nonce, the ticket and
 the digest), and the admitted worker's link lives under a key prefix derived from the token, which
 nobody without it can name. A server listening beyond loopback refuses to start without a token.
-What this does not do: encrypt or sign the traffic on an established link (use a private network
-or a tunnel between sites), or stop someone who can reach the store from filling it with requests.
+With a token every message on a link is signed too: an HMAC over its bytes, its direction and
+its sequence number on the link, keyed from the token, the run's nonce and the ticket, follows it;
+a message that fails its check (altered, replayed, reordered) ends that link with a one-line reason,
+and nothing of it is used. What this does not do: encrypt the traffic (use a private network or a
+tunnel between sites, e.g. WireGuard or an SSH tunnel to the server's port), or stop someone who can
+reach the store from filling it with requests.
 """
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ import json
 import os
 import secrets
 import socket
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .. import faults
 from ..errors import UserError
 from .comm import PeerError
 
@@ -58,13 +64,22 @@ def _proof(token: bytes, *parts) -> str:
     return hmac.new(token, "/".join(str(p) for p in parts).encode(), hashlib.sha256).hexdigest()
 
 
+MAC_BYTES = 32  # an HMAC-SHA256 after every message of a signed link
+
+
+class LinkRefused(PeerError):
+    """A message on a signed link failed its check."""
+
+
 class Link:
-    """A server and one worker: a two-rank Gloo group (rank 0 the server), with byte counters.
+    """A server and one worker: a two-rank Gloo group (rank 0 the server), with byte counters, its
+    messages signed when it has a key.
 
     It offers the worker the two calls of Exchange that a ps worker makes (gather: send to the
     server; broadcast: receive from it), so the worker's upload and install run over it unchanged."""
 
-    def __init__(self, store: dist.Store, prefix: str, rank: int, host: str, timeout_s: float):
+    def __init__(self, store: dist.Store, prefix: str, rank: int, host: str, timeout_s: float,
+                 key: bytes | None = None):
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timedelta(seconds=timeout_s)
         # on loopback, bind there; otherwise the interface GLOO_SOCKET_IFNAME names (or the host's)
@@ -76,15 +91,53 @@ class Link:
         except (RuntimeError, dist.DistError) as exc:
             raise PeerError(f"could not connect the link ({_first_line(exc)})") from None
         self.sent = self.received = 0
+        self.key, self.sent_seq, self.received_seq = key, 0, 0
+        self.fault = None          # flip | replay: the next message, for tests (lte.faults)
+        # the last message sent of each size, with its MAC: what a replay sends (kept under LTE_FAULT only)
+        self._last: dict | None = {} if faults.armed() else None
 
     def send(self, buf: torch.Tensor, what: str) -> None:
-        self._wait(lambda: self.group.send([buf.contiguous()], 1 - self.rank, 0), what)
-        self.sent += buf.numel() * buf.element_size()
+        payload = buf.contiguous()
+        mac = self._mac(self.rank, self.sent_seq, payload) if self.key else None
+        payload, mac = self._faulty(payload, mac)
+        self._raw(lambda: self.group.send([payload], 1 - self.rank, 0), what)
+        if mac is not None:
+            self._raw(lambda: self.group.send([mac], 1 - self.rank, 0), what)
+        if self._last is not None:
+            self._last[payload.numel() * payload.element_size()] = (payload, mac)
+        self.sent_seq += 1
+        self.sent += payload.numel() * payload.element_size() + (MAC_BYTES if mac is not None else 0)
 
     def recv(self, buf: torch.Tensor, what: str) -> torch.Tensor:
-        self._wait(lambda: self.group.recv([buf], 1 - self.rank, 0), what)
-        self.received += buf.numel() * buf.element_size()
+        self._raw(lambda: self.group.recv([buf], 1 - self.rank, 0), what)
+        if self.key:
+            mac = torch.empty(MAC_BYTES, dtype=torch.uint8)
+            self._raw(lambda: self.group.recv([mac], 1 - self.rank, 0), what)
+            if not hmac.compare_digest(mac.numpy().tobytes(),
+                                       self._mac(1 - self.rank, self.received_seq, buf).numpy().tobytes()):
+                peer = "the server" if self.rank == 1 else "the worker"
+                raise LinkRefused(f"{what}: message {self.received_seq} from {peer} failed its signature check "
+                                  "(altered, replayed or out of order); the link is closed")
+        self.received_seq += 1
+        self.received += buf.numel() * buf.element_size() + (MAC_BYTES if self.key else 0)
         return buf
+
+    def _mac(self, sender: int, seq: int, payload: torch.Tensor) -> torch.Tensor:
+        """HMAC-SHA256 of (who sent it, its sequence number, its bytes) under the link's key."""
+        h = hmac.new(self.key, struct.pack("<BQ", sender, seq), hashlib.sha256)
+        h.update(payload.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+    def _faulty(self, payload: torch.Tensor, mac):
+        """A fault's message in place of this one (tests): a byte flipped after signing, or the last
+        message of the same size sent again."""
+        fault, self.fault = self.fault, None
+        if fault == "flip":
+            payload = payload.clone()
+            payload.view(-1).view(torch.uint8)[0] ^= 1
+        elif fault == "replay" and self._last is not None:
+            payload, mac = self._last.get(payload.numel() * payload.element_size(), (payload, mac))
+        return payload, mac
 
     def send_sized(self, buf: torch.Tensor, what: str) -> None:
         """A message whose size the receiver does not know (a compressed download): its size, then it."""
@@ -112,7 +165,7 @@ class Link:
         except (RuntimeError, AttributeError):
             pass
 
-    def _wait(self, post, what: str) -> None:
+    def _raw(self, post, what: str) -> None:
         try:
             post().wait(self.timeout)
         except (RuntimeError, dist.DistError) as exc:
@@ -190,7 +243,8 @@ class Door:
 
     def admit(self, knock: Knock, slot: int) -> Link:
         self._answer(knock.ticket, {"slot": slot})
-        return Link(self.store, _link_prefix(self.token, self.nonce, knock.ticket), 0, self.host, self.timeout_s)
+        return Link(self.store, _link_prefix(self.token, self.nonce, knock.ticket), 0, self.host, self.timeout_s,
+                    key=_mac_key(self.token, self.nonce, knock.ticket))
 
     def _answer(self, ticket: int, answer: dict) -> None:
         self.store.set(f"answer/{ticket}", json.dumps(answer))
@@ -198,6 +252,11 @@ class Door:
 
 def _link_prefix(token: bytes, nonce: str, ticket: int) -> str:
     return f"link/{_proof(token, nonce, ticket, 'link')[:32]}/"
+
+
+def _mac_key(token: bytes, nonce: str, ticket: int) -> bytes | None:
+    """The key a link's messages are signed with (None without a token: unsigned, loopback only)."""
+    return bytes.fromhex(_proof(token, nonce, ticket, "mac")) if token else None
 
 
 def join(host: str, port: int, digest: str, slot: int | None, timeout_s: float, name: str = "") -> tuple[Link, int]:
@@ -214,4 +273,5 @@ def join(host: str, port: int, digest: str, slot: int | None, timeout_s: float, 
         raise UserError(f"no answer from a server at {host}:{port} ({_first_line(exc)})") from None
     if "refused" in answer:
         raise UserError(f"the server refused this worker: {answer['refused']}")
-    return Link(store, _link_prefix(token, nonce, ticket), 1, host, timeout_s), int(answer["slot"])
+    return (Link(store, _link_prefix(token, nonce, ticket), 1, host, timeout_s, key=_mac_key(token, nonce, ticket)),
+            int(answer["slot"]))

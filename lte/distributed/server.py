@@ -30,16 +30,17 @@ import torch
 from .. import core
 from ..core.algebra import key
 from ..data import build_data
+from ..core.robust import Record
 from ..runtime.clock import RoundClock
 from ..runtime.config import Config
 from ..runtime.engine import eval_batches, evaluate
 from ..runtime.finish import Totals, finish_run, summary
-from ..runtime.log import RunLog, Throughput, say
+from ..runtime.log import RunLog, Throughput, peak_memory, say
 from ..runtime.model import build_model, load_model_state
 from ..runtime.rundir import RunDir, Start
 from .comm import bytes_per_step
 from .protocol import STATS, format_groups, worker_protocols
-from .shards import agree, gather_master, shard_specs
+from .shards import agree, gather_master, shard_peaks, shard_specs
 
 PHASES = ("compute_s", "upload_s", "merge_s", "download_s")
 
@@ -85,6 +86,9 @@ class Uploads:
     views: list[dict[str, torch.Tensor] | None]  # None: nothing arrived from that worker (an elastic run)
     accepted: torch.Tensor   # 1 per worker whose factors arrived and are all finite
     seconds: float           # how long they took to arrive
+    # uploads one round late, merged into this merge (elastic, dist.late=stale): (worker, view, the
+    # merge count of the base it trained on), its replicas already as values against this master
+    stale: list[tuple[int, dict[str, torch.Tensor], int]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,7 +118,9 @@ class ParameterServer(ABC):
             if self.start.finished is not None:
                 return  # nothing to build: the run in out_dir is done
         self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
-        self.model = build_model(cfg, self.data, device)  # same seed: same init as the workers
+        # shard 0 builds the whole model from the seed (the workers' init; it evaluates and exports the
+        # master); another shard only its shapes, on the meta device, and its own tensors from shard 0
+        self.model = build_model(cfg, self.data, device if self.is_main else None)
         self.eval_set = eval_batches(cfg, self.data, device) if self.is_main else None
         lm = self.data.task == "language_model"  # its rounds' rows give tokens/s too
         self.speed = Throughput(device, getattr(self.data.train, "block_size", 0) if lm else 0)
@@ -122,12 +128,18 @@ class ParameterServer(ABC):
         sd = self.model.state_dict(keep_vars=True)
         shapes = {k: tuple(sd[k].shape) for k in spec.master_keys()}
         self.specs = shard_specs(spec, shapes, servers)
-        self.master = {k: sd[k] for k in self.specs[shard].master_keys()}  # views: merging updates the model
+        # shard 0's are views into its model (merging updates the model); another shard's are its own,
+        # filled by scatter_master (lte.distributed.shards) once the shards' group exists
+        self.master = {k: sd[k] if self.is_main else torch.empty(shapes[k], dtype=sd[k].dtype, device=device)
+                       for k in self.specs[shard].master_keys()}
         self.all_protos = [worker_protocols(cfg, s, shapes, workers) for s in self.specs]
         self.protos = self.all_protos[shard]
         self.format_members = format_groups(self.protos)[1]  # worker numbers (1..) storing each base format
         self.by_format = [[r - 1 for r in m] for m in self.format_members]  # worker indices, the same
         self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
+        self.robust, self.outliers = cfg.dist.robust_rule(), Record(workers)  # outlier heads, per worker
+        if self.start.state is not None:
+            self.outliers.load_state_dict(self.start.state.get("outliers"))
         if self.start.state is not None and servers == 1:  # several shards keep these in their own files
             load_model_state(self.model, self.start.state["master"], self.start.path)
             self.outer.load_state_dict(self.start.state.get("outer"), device)
@@ -212,11 +224,14 @@ class ParameterServer(ABC):
     def merge(self, uploads: Uploads, progress: Progress) -> None:
         """W += (s/N) sum B A over the accepted workers' heads (the same merge as simulated heads)."""
         k, protos = self.cfg.worker.heads, self.protos
-        kept = [p.factors(v, self.master, seed=self.cfg.seed, first_head=w * k, draw=progress.merges)
-                for w, (p, v, ok) in enumerate(zip(protos, uploads.views, uploads.accepted)) if ok]
+        entries = [(w, uploads.views[w], progress.merges) for w, ok in enumerate(uploads.accepted) if ok]
+        entries += uploads.stale
+        kept = [protos[w].factors(view, self.master, seed=self.cfg.seed, first_head=w * k, draw=draw)
+                for w, view, draw in entries]
         if kept:
             heads = {n: torch.cat([v[n] for v in kept]).to(self.device) for n in protos[0].heads}
-            core.merge_into(self.master, heads, protos[0].spec, outer=self.outer)
+            outcome = core.merge_into(self.master, heads, protos[0].spec, outer=self.outer, robust=self.robust)
+            self.note_outliers(outcome, [w for w, _, _ in entries for _ in range(k)], progress)
         bad = [w + 1 for w, (v, ok) in enumerate(zip(uploads.views, uploads.accepted)) if v is not None and not ok]
         if bad:
             progress.rejected += k * len(bad)
@@ -224,13 +239,25 @@ class ParameterServer(ABC):
                 self.log.say(f"round {progress.merges + 1}: rejected the non-finite update of worker rank(s) "
                              f"{bad}; their heads restart")
 
+    def note_outliers(self, outcome, units: list[int], progress: Progress) -> None:
+        """Count (and name in the log) the workers whose heads the robust rule clipped or dropped."""
+        clipped, dropped = self.outliers.add(outcome, units)
+        for what, ws in (("clipped", clipped), ("dropped", dropped)):
+            if ws and self.log:
+                self.log.say(f"round {progress.merges + 1}: the outlier change of worker rank(s) "
+                             f"{[w + 1 for w in ws]} {what} (dist.robust={self.robust.name})")
+
     def encode(self, accepted: torch.Tensor) -> list[torch.Tensor]:
         """The download, encoded once per base format the workers store."""
         return [self.protos[members[0]].encode_base(self.master, accepted) for members in self.by_format]
 
+    def held(self) -> dict[str, torch.Tensor]:
+        """The master tensors this shard holds: shard 0 every one (its model's), another its own."""
+        return self.model.state_dict(keep_vars=True) if self.is_main else self.master
+
     def gather_master(self) -> None:
         """The whole master in shard 0's model (with one shard it is there already)."""
-        gather_master(self.model.state_dict(keep_vars=True), self.specs, self.shard, self.shard_group)
+        gather_master(self.held(), self.specs, self.shard, self.shard_group)
 
     def log_round(self, progress: Progress, uploads: Uploads, times: dict, steps: int, now: float) -> None:
         """The round's row (loss and compute time as the accepted workers report them), with the
@@ -261,7 +288,7 @@ class ParameterServer(ABC):
     def run_state(self, progress: Progress) -> dict:
         """What a checkpoint keeps of the server itself: the loop's state and, with one shard, the
         master and its outer step (several shards write theirs with torch.distributed.checkpoint)."""
-        state = {**progress.state(), "rng": torch.get_rng_state()}
+        state = {**progress.state(), "rng": torch.get_rng_state(), "outliers": self.outliers.state_dict()}
         if self.servers == 1:
             state.update(master=self.model.state_dict(), outer=self.outer.state_dict())
         return state
@@ -274,11 +301,13 @@ class ParameterServer(ABC):
     def finish(self, progress: Progress) -> dict | None:
         closing = self.close(progress)
         self.gather_master()
+        peaks = shard_peaks(peak_memory(self.device)["peak_memory_bytes"], self.shard_group)  # after every gather
         if not self.is_main:
             return None
         if closing.mismatched:
             self.log.say(f"error: worker rank(s) {closing.mismatched} ended with a base that differs from the server's")
-        result = {**self.summarize(progress, closing.per_rank, closing.mismatched), **closing.summary}
+        result = {**self.summarize(progress, closing.per_rank, closing.mismatched), **closing.summary,
+                  **({"server_peak_memory_bytes": peaks} if self.servers > 1 else {})}
         return finish_run(self.rundir, self.log, result, self.model.state_dict(), self.model, self.data,
                           lambda marks: self.save_checkpoint(progress, closing.parts, **marks))
 
@@ -309,6 +338,7 @@ class ParameterServer(ABC):
             "worker_heads": cfg.worker.heads, "base_dtype": cfg.worker.base_dtype,
             "worker_options": [self.worker_summary(w) for w in workers],
             "rejected_heads": progress.rejected, "base_check": "mismatch" if mismatched else "match",
+            **(self.outliers.totals() if self.robust.active else {}),
             "round_time": progress.round_time(),
             "comm": {"per_rank": per_rank, "servers": self.servers,
                      "bytes_per_step_per_worker": bytes_per_step([r for r in per_rank if r["rank"] >= self.servers],
@@ -323,14 +353,14 @@ class ParameterServer(ABC):
         o = self.cfg.worker_options(w + 1)
         return {"rank": w + 1, "base_dtype": o.base_dtype, "activations": o.activation_option().describe(),
                 "chunks": o.chunks, "upload_bytes_per_round": self.upload_nbytes(w),
-                "download_bytes_per_round": self.download_nbytes(w)}
+                "download_bytes_per_round": self.download_nbytes(w), **self.outliers.row(w)}
 
     def describe(self) -> str:
         cfg = self.cfg
         workers = [f"rank {w + 1}: {cfg.worker_options(w + 1).describe(base=True)}, upload {self.upload_nbytes(w):,} B "
                    f"and download {self.download_nbytes(w):,} B per round" for w in range(self.workers)]
         options = "".join(f", {d}" for d in (self.outer.describe(), self.protos[0].codec.describe(),
-                                             cfg.comm.describe()) if d)
+                                             cfg.comm.describe(), self.robust.describe()) if d)
         shards = f" in {self.servers} shards" if self.servers > 1 else ""
         return (f"parameter server{shards} on {self.device} ({self.backend}), {self.workers} workers x "
                 f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "

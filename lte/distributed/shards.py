@@ -7,7 +7,10 @@ upload to shard k holds the factors of shard k's layers only, shard k merges the
 of the outer optimizer's state) and sends back its layers' base. The shards agree on which
 workers' updates they accept (an all-reduce of the masks), so a worker's heads go into every
 shard's merge or into none. Shard 0 also holds the run directory, logs, evaluates and writes the
-results; it gathers the other shards' tensors when it evaluates and at the end.
+results; it gathers the other shards' tensors when it evaluates and at the end. Only shard 0 builds
+the whole model from the seed; the others build its shapes on the meta device and receive their own
+tensors from shard 0 at the start (scatter_master), so a shard holds 1/K of the master and of the
+outer optimizer's state.
 
 Checkpoints: every shard writes its tensors (master, outer momenta, its part of each worker's
 state, its byte counters) with torch.distributed.checkpoint into checkpoint-<step>.dcp/, then
@@ -25,7 +28,7 @@ import torch.distributed as dist
 
 from ..core.algebra import MergeSpec, key
 from ..errors import ConfigError
-from .comm import Exchange, Layout
+from .comm import Exchange
 
 
 def shard_specs(spec: MergeSpec, shapes: dict[str, tuple[int, ...]], servers: int) -> list[MergeSpec]:
@@ -82,23 +85,52 @@ def agree(accepted: torch.Tensor, servers: "dist.ProcessGroup | None") -> torch.
     return accepted
 
 
-def gather_master(master: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+def gather_master(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
                   servers: "dist.ProcessGroup | None") -> None:
     """Bring every shard's master tensors into shard 0's copy of the model (for its evaluation and
-    results): shard k sends its tensors in one buffer. Server-internal traffic: not counted."""
+    results): shard k sends its tensors in one buffer. `held`: shard 0's model state, another shard's
+    own tensors. Server-internal traffic: not counted."""
+    _between_shards(held, specs, shard, servers, to_main=True)
+
+
+def scatter_master(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+                   servers: "dist.ProcessGroup | None") -> None:
+    """The reverse at the start: shard 0's model (built from the seed) gives every other shard its
+    own tensors, so a shard never builds the whole model and starts from the workers' init."""
+    _between_shards(held, specs, shard, servers, to_main=False)
+
+
+def _between_shards(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+                    servers: "dist.ProcessGroup | None", to_main: bool) -> None:
+    """Shard k's tensors between shard k and shard 0, one message a tensor, straight from and into
+    the tensors (a packed buffer would add 1/K of the master to a shard's peak memory)."""
     if servers is None:
         return
     for k in range(1, len(specs)):
-        names = specs[k].master_keys()
-        layout = Layout([(n, tuple(master[n].shape), master[n].dtype) for n in names])
-        if shard == k:
-            dist.send(layout.pack({n: master[n].detach().cpu() for n in names}), dst=0, group=servers)
-        elif shard == 0:
-            buf = layout.empty()
-            dist.recv(buf, src=k, group=servers)
-            with torch.no_grad():
-                for n, t in layout.unpack(buf).items():
-                    master[n].copy_(t)
+        if shard not in (0, k):
+            continue
+        sends = (shard == k) == to_main
+        peer = (0 if to_main else k) if sends else (k if to_main else 0)
+        for n in specs[k].master_keys():
+            t = held[n].detach()
+            direct = t.device.type == "cpu" and t.is_contiguous()
+            buf = t if direct else (t.cpu().contiguous() if sends else torch.empty(t.shape, dtype=t.dtype))
+            if sends:
+                dist.send(buf, dst=peer, group=servers)
+            else:
+                dist.recv(buf, src=peer, group=servers)
+                if not direct:
+                    with torch.no_grad():
+                        t.copy_(buf)
+
+
+def shard_peaks(mine: int, servers: "dist.ProcessGroup | None") -> list[int]:
+    """Every shard's peak memory in bytes (lte.runtime.log.peak_memory), in shard order."""
+    if servers is None:
+        return [mine]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(servers))]
+    dist.all_gather(out, torch.tensor([mine], dtype=torch.int64), group=servers)
+    return [int(t) for t in out]
 
 
 def save_shard(path, tensors: dict[str, torch.Tensor], shard: int, servers: "dist.ProcessGroup") -> None:

@@ -26,7 +26,7 @@ from .env import DistEnv
 from .handshake import DIGEST, HELLO, Control, hello
 from .protocol import format_groups
 from .server import Closing, ParameterServer, Progress, Uploads
-from .shards import agree, load_shard, make_channels, save_shard
+from .shards import agree, load_shard, make_channels, save_shard, scatter_master
 from .worker import Route, Worker
 
 
@@ -65,6 +65,7 @@ class TorchrunServer(ParameterServer):
             channels = make_channels(self.exchange, self.servers, self.workers, self.format_members)
             self.toward, self.groups = channels.exchanges[self.shard], channels.format_groups[self.shard]
             self.shard_group = channels.servers
+            scatter_master(self.held(), self.specs, self.shard, self.shard_group)  # the other shards' init
             download = self.cfg.comm.download_strategy()  # per format: the download sequence its workers hold
             self.streams = [download.stream(self.protos[m[0]].download.nbytes) for m in self.by_format]
         return control

@@ -132,10 +132,10 @@ class Worker:
     def encode_uploads(self, rounds: int, loss: float, compute_s: float) -> list[torch.Tensor]:
         """This round's upload to each shard (its layers' factors), against the base the round trained on."""
         heads, engine = self.head_tensors(), self.engine
-        faults.before_upload(self.env.worker, rounds, {k: heads[k] for k in self.proto.uploaded})
+        replicas = self.carry.references(engine.model)
+        faults.before_upload(self.env.worker, rounds, {k: heads[k] for k in self.proto.uploaded}, replicas)
         chunk_losses = engine.chunks.chunk_losses if engine.chunks is not None else []
         stats = torch.tensor([loss, compute_s, *chunk_losses], dtype=torch.float64)
-        replicas = self.carry.references(engine.model)
         return [protos[self.index].upload.pack({**protos[self.index].encode_upload(heads, replicas, self.uploader),
                                                 "stats": stats})
                 for _, _, protos in self.routes]

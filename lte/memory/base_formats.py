@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 BLOCKSIZE_4BIT = 64
+ENCODE_PIECE = 1 << 22  # values a 4-bit encode takes at once (16 MiB of fp32): whole blocks
 
 
 class BaseFormat(ABC):
@@ -99,9 +100,13 @@ class FourBit(BaseFormat):
 
         if w.is_meta:  # shape-only models (memory accounting) hold shape-only payloads
             return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.layout(tuple(w.shape)).items()}
-        packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE_4BIT,
-                                           quant_type=self.quant_type)
-        return {"": packed, "absmax": state.absmax.float()}
+        flat = w.detach().float().contiguous().view(-1)
+        # in pieces of whole blocks (and whole bytes of two codes): the same codes and scales as one
+        # call, while bitsandbytes' temporaries (about 3x the input on a CPU) stay a piece's size
+        parts = [bnbf.quantize_4bit(piece, blocksize=BLOCKSIZE_4BIT, quant_type=self.quant_type)
+                 for piece in flat.split(ENCODE_PIECE)]
+        return {"": torch.cat([packed.view(-1, 1) for packed, _ in parts]),
+                "absmax": torch.cat([state.absmax.float() for _, state in parts])}
 
     def decode(self, payload, shape, dtype):
         import bitsandbytes.functional as bnbf

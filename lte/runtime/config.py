@@ -19,6 +19,7 @@ from ..core.config import LTEConfig
 from ..core.download import Download, get_download
 from ..core.optim import DECAY_SHAPES, SCHEDULES
 from ..core.outer import OuterOptimizer
+from ..core.robust import Robust, get_rule
 from ..core.upload import UploadCodec, get_codec
 from ..errors import ConfigError
 from ..memory import SETTINGS, Activations, get_activations, with_settings
@@ -204,6 +205,9 @@ class DistCfg(Section):          # mode=ps, ddp and diloco
     round_deadline_s: float = 0.0  # lte-train serve: merge what arrived this long after a round began; 0 = wait for all
     min_workers: int = 0         # lte-train serve: workers to wait for before the first round; 0 = every slot
     emulate_link_mbps: float = 0.0  # benchmarks: each worker's messages wait bytes / this bandwidth; 0 = off
+    robust: str = "none"         # heads whose change is beyond robust_ratio x the round's median: none | clip | drop
+    robust_ratio: float = 4.0
+    late: str = "drop"           # lte-train serve: an upload one round late is dropped | merged stale (next merge)
 
     def check(self, run):
         self.at_least("round_deadline_s", 0, "must be >= 0 (0: wait for every worker)")
@@ -218,6 +222,18 @@ class DistCfg(Section):          # mode=ps, ddp and diloco
             raise ConfigError(f"dist.emulate_link_mbps slows the links between processes (mode=ps, ddp or diloco); "
                               f"mode={run.mode} runs in one process")
         require(self.ps_device in ("cpu", "cuda"), "dist.ps_device", "must be cpu or cuda", self.ps_device)
+        require(self.late in ("drop", "stale"), "dist.late", "must be drop or stale", self.late)
+        require(self.robust_ratio > 1, "dist.robust_ratio", "must be > 1 (the median head is never an outlier)",
+                self.robust_ratio)
+        if self.robust_rule().active and not run.mode_of.heads:
+            raise ConfigError(f"dist.robust={self.robust} judges the heads a merge takes (mode=lte or ps); "
+                              f"mode={run.mode} merges no heads")
+        if self.robust_rule().active and self.servers > 1:
+            raise ConfigError(f"dist.robust={self.robust} compares every tensor of a head's change, which a sharded "
+                              "server (dist.servers > 1) holds in parts: use one server with it")
+
+    def robust_rule(self) -> Robust:
+        return get_rule(self.robust, self.robust_ratio)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 import torch
 
 from .. import core
+from ..core.robust import Record
 from ..core.upload import Uploader
 from ..data import build_data
 from ..errors import ConfigError
@@ -48,6 +49,8 @@ class Trainer:
         self.outer = cfg.outer_optimizer()  # the merges' outer step (kind none: the plain merge)
         self.uploader = Uploader(cfg.comm.codec())  # the merge sees the heads as ps workers send them
         self.overlapped = core.OverlappedMerge() if cfg.comm.overlap and self.lte else None  # one round stale
+        self.robust = cfg.dist.robust_rule()  # outlier heads in a merge (none: every head as it is)
+        self.outliers = Record(len(engine.heads) if self.lte else 0)
         self.eval_set = eval_batches(cfg, self.data, self.device)
         self.merges, self.train_s = 0, 0.0
         self.totals = Totals()
@@ -67,11 +70,16 @@ class Trainer:
         if not self.lte:
             return
         if self.overlapped is not None:
-            self.overlapped.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
-                             settle=self.clock.settles(self.step))
+            outcome = self.overlapped.merge(self.model, self.engine.optimizer, self.outer, self.uploader,
+                                            settle=self.clock.settles(self.step), robust=self.robust)
         else:
-            core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader)
+            outcome = core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader,
+                                 robust=self.robust)
         self.merges += 1
+        clipped, dropped = self.outliers.add(outcome, list(range(len(self.engine.heads))))
+        if (clipped or dropped) and self.log is not None:
+            self.log.say(f"round {self.merges}: outlier changes of head(s) {clipped or dropped} "
+                         f"{'clipped' if clipped else 'dropped'} (dist.robust)")
 
     def newest(self):
         """The model as the merges left it (with comm.overlap the base trails them by one)."""
@@ -145,14 +153,16 @@ class Trainer:
         return {**summary(self.cfg, steps=self.step, merges=self.merges, last_eval=self.last_eval, totals=self.totals,
                           device=self.device, seconds=self.train_s),
                 "train_s": self.train_s, "heads": len(engine.heads) if self.lte else 0,
-                "trainable_params": sum(p.numel() for p in engine.params)}
+                "trainable_params": sum(p.numel() for p in engine.params),
+                **({"robust": [{"head": h, **self.outliers.row(h)} for h in range(len(engine.heads))],
+                    **self.outliers.totals()} if self.robust.active else {})}
 
     def describe(self) -> str:
         cfg, engine = self.cfg, self.engine
         what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
                 if self.lte else "full-rank")
         options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe(), self.uploader.describe(),
-                                          cfg.comm.describe(downloads=False)])) \
+                                          cfg.comm.describe(downloads=False), self.robust.describe()])) \
             if self.lte else ""
         return (f"{cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / "
                 f"{self.eval_set.samples} eval), {what}{', ' + options if options else ''}, "
@@ -163,12 +173,13 @@ class Trainer:
     def state(self) -> dict:
         return {**self.engine.state(), "merges": self.merges, "train_s": self.train_s, "totals": self.totals.state(),
                 "last_eval": self.last_eval, "outer": self.outer.state_dict(),
-                "upload_residuals": self.uploader.state_dict()}
+                "upload_residuals": self.uploader.state_dict(), "outliers": self.outliers.state_dict()}
 
     def restore(self, state: dict, path) -> None:
         self.engine.restore(state, path)
         self.outer.load_state_dict(state.get("outer"), self.device)
         self.uploader.load_state_dict(state.get("upload_residuals"), self.device)
+        self.outliers.load_state_dict(state.get("outliers"))
         self.merges, self.train_s = state["merges"], state["train_s"]
         self.last_eval = state.get("last_eval", {})
 
