@@ -53,10 +53,10 @@ def test_micro_batches_give_the_weights_of_one_batch(tmp_path, mode):
         assert relative(one, digits_run(tmp_path, f"k{k}", *mode, f"train.grad_accum_steps={k}")) < 1e-6
 
 
-@pytest.mark.parametrize("mode,nproc", [("ps", 3), ("ddp", 2)])
+@pytest.mark.parametrize("mode,nproc", [("ps", 3), ("ddp", 2), ("diloco", 2)])
 def test_micro_batches_in_the_multi_process_modes(tmp_path, mode, nproc):
     """ps: each worker's heads; ddp: the gradients all-reduced on the last micro-batch only (no_sync
-    before). (A DiLoCo rank steps as mode=full does, without a DDP wrapper: the test above.)"""
+    before); diloco: each rank's inner steps, then the outer sync of a round."""
     common = ["--config", DIGITS, *small(f"mode={mode}", "train.steps=4", "lte.merge_every=2", "train.log_every=100",
                                          "eval.batches=1", "worker.base_dtype=fp32")]
     for k in (1, 2):

@@ -62,6 +62,18 @@ def test_a_rule_that_never_bites_merges_bit_for_bit_as_none():
         assert all(torch.equal(master[k], masters[0][k]) for k in master)
 
 
+def test_a_merge_whose_every_head_is_dropped_changes_nothing():
+    """Each head strays beyond 1.05x the median in one of three layers: drop leaves none to average."""
+    spec = MergeSpec(layers=("a", "b", "c"), replicas=(), scale=1.0)
+    scales = {"a": (1.0, 2.0, 3.0), "b": (3.0, 2.0, 1.0), "c": (1.0, 3.0, 2.0)}  # heads 3, 1 and 2 stray
+    heads = {f"{x}.lora_A": torch.eye(2).expand(3, 2, 2).clone() for x in scales}
+    heads.update({f"{x}.lora_B": torch.stack([torch.eye(2) * v for v in vs]) for x, vs in scales.items()})
+    master = {f"{x}.weight": torch.ones(2, 2) for x in scales}
+    outcome = merge_into(master, heads, spec, robust=Drop(ratio=1.05))
+    assert outcome.dropped.tolist() == [True, True, True]
+    assert all(torch.equal(t, torch.ones(2, 2)) for t in master.values())
+
+
 def test_bad_robust_settings_are_refused():
     with pytest.raises(ConfigError, match="dist.robust must be one of"):
         get_rule("median", 4.0)

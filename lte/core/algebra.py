@@ -94,6 +94,8 @@ def merge_into(master: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], 
     outcome, heads_merged = None, next(iter(factors.values()))[0].shape[0]  # a prepared model has a layer
     if robust is not None and robust.active and heads_merged > 1:
         factors, copies, outcome = _robust(robust, master, factors, copies, spec)
+        if bool(outcome.dropped.all()):  # no head left to average (ratios near 1): the master stays
+            return outcome
     _apply(master, weights, factors, copies, spec, outer if outer is not None and outer.active else None)
     return outcome
 

@@ -7,7 +7,9 @@ with the median over the round's heads: beyond `ratio` times the median a head i
 
   clip   scaled down to `ratio` x the median, tensor by tensor, then overall (its B and its replicas'
          change multiplied by the factor, so the merge takes the clipped change);
-  drop   left out of the merge (N = the heads kept, as for a non-finite update).
+  drop   left out of the merge (N = the heads kept, as for a non-finite update). A head strays in
+         any of its tensors, so at ratios near 1 every head can be dropped: that merge then
+         changes nothing.
 
 A median of zero (a tensor no head changed) bounds nothing. The rule is the same in a simulated
 run and on a parameter server (lte.core.algebra.merge_into applies it to the heads it merges), so
