@@ -14,6 +14,7 @@ model from the seed (it evaluates and exports the master), the others hold their
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def run(k: int, shape: str, work: Path) -> dict:
         cmd = train_command(*overrides(shape, tokens(work / "tokens")), f"dist.servers={k}", f"out_dir={out_dir}",
                             nproc=k + 1)
         run_train(cmd, out_dir, log=work / f"{shape}-servers{k}.log")
+        for heavy in [*out_dir.glob("checkpoint-*"), *out_dir.glob("final.*")]:  # 15 GB at 1b: only the summary counts
+            shutil.rmtree(heavy) if heavy.is_dir() else heavy.unlink()
     s = read_summary(out_dir)
     peaks = s.get("server_peak_memory_bytes") or [s["peak_memory_bytes"]]
     return {"servers": k, "peak_bytes": peaks, "wall_s": s["wall_s"], "eval_loss": s["eval"]["loss"]}
