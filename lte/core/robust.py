@@ -103,8 +103,8 @@ def change_norms(factors: list[tuple[torch.Tensor, torch.Tensor]], replicas: lis
     replica (its copies' change, heads on dim 0)."""
     columns = []
     for A, B in factors:
-        gram_a = torch.bmm(A.float(), A.float().transpose(1, 2))
-        gram_b = torch.bmm(B.float().transpose(1, 2), B.float())
+        A, B = A.float(), B.float()
+        gram_a, gram_b = torch.bmm(A, A.transpose(1, 2)), torch.bmm(B.transpose(1, 2), B)
         columns.append((gram_a * gram_b).sum((1, 2)).clamp_min(0).sqrt() * scale)
     columns += [change.float().flatten(1).norm(dim=1) for change in replicas]
     return torch.stack(columns, dim=1)
@@ -135,6 +135,14 @@ class Record:
         for u in dropped:
             self.dropped[u] += 1
         return clipped, dropped
+
+    def note(self, outcome: Outcome | None, units: list[int], round_no: int, rule: str, what: str,
+             label=lambda unit: unit) -> list[str]:
+        """Count a round (add) and say what it bounded: the log lines naming the units, `what` they
+        are and `label` each one's name (a worker's rank)."""
+        clipped, dropped = self.add(outcome, units)
+        return [f"round {round_no}: the outlier change of {what} {[label(u) for u in us]} {verb} (dist.robust={rule})"
+                for verb, us in (("clipped", clipped), ("dropped", dropped)) if us]
 
     def state_dict(self) -> dict:
         return {"clipped": list(self.clipped), "dropped": list(self.dropped), "worst": self.worst}

@@ -310,8 +310,8 @@ class ElasticServer(ParameterServer):
             views[slot] = self.protos[slot].upload.unpack(buf)
         uploads = self.uploads(views, time.perf_counter() - self.opened)
         uploads.stale, self.stale = self.stale, []
-        # the replicas as this merge finds them: what the uploads now late will have trained from
-        self.replicas_before = {n: self.master[n].detach().clone() for n in self.protos[0].spec.replicas}
+        if self.cfg.dist.late == "stale":  # the replicas as this merge finds them: what uploads now late trained from
+            self.replicas_before = {n: self.master[n].detach().clone() for n in self.protos[0].spec.replicas}
         return uploads
 
     def deliver(self, uploads: Uploads, progress: Progress) -> None:

@@ -241,11 +241,10 @@ class ParameterServer(ABC):
 
     def note_outliers(self, outcome, units: list[int], progress: Progress) -> None:
         """Count (and name in the log) the workers whose heads the robust rule clipped or dropped."""
-        clipped, dropped = self.outliers.add(outcome, units)
-        for what, ws in (("clipped", clipped), ("dropped", dropped)):
-            if ws and self.log:
-                self.log.say(f"round {progress.merges + 1}: the outlier change of worker rank(s) "
-                             f"{[w + 1 for w in ws]} {what} (dist.robust={self.robust.name})")
+        for line in self.outliers.note(outcome, units, progress.merges + 1, self.robust.name, "worker rank(s)",
+                                       label=lambda w: w + 1):
+            if self.log:
+                self.log.say(line)
 
     def encode(self, accepted: torch.Tensor) -> list[torch.Tensor]:
         """The download, encoded once per base format the workers store."""

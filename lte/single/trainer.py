@@ -76,10 +76,10 @@ class Trainer:
             outcome = core.merge(self.model, self.engine.optimizer, outer=self.outer, upload=self.uploader,
                                  robust=self.robust)
         self.merges += 1
-        clipped, dropped = self.outliers.add(outcome, list(range(len(self.engine.heads))))
-        if (clipped or dropped) and self.log is not None:
-            self.log.say(f"round {self.merges}: outlier changes of head(s) {clipped or dropped} "
-                         f"{'clipped' if clipped else 'dropped'} (dist.robust)")
+        for line in self.outliers.note(outcome, list(range(len(self.engine.heads))), self.merges, self.robust.name,
+                                       "head(s)"):
+            if self.log is not None:
+                self.log.say(line)
 
     def newest(self):
         """The model as the merges left it (with comm.overlap the base trails them by one)."""
