@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -47,6 +46,7 @@ from lte import core
 from lte.data import build_data
 from lte.distributed.protocol import worker_protocols
 from lte.distributed.comm import ring_all_reduce_share
+from lte.runtime.clock import RoundClock
 from lte.runtime.config import load_config, resolve_heads
 from lte.runtime.model import build_model
 from lte.train.report import pyplot
@@ -54,6 +54,8 @@ from lte.train.report import pyplot
 COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work is read back, not run again
 NESTEROV = ["lte.outer=nesterov", "lte.outer_lr=1.0", "lte.outer_momentum=0.5"]
 PS_LOWCOMM = ["worker.base_dtype=nf4", "comm.download=delta"]
+QSR20 = "lte.merge_every={schedule: qsr, min: 20, max: 400}"
+RANK32 = ["lte.rank=32", "lte.alpha=256"]
 DILOCO_OUTER = ["lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9"]
 RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "full": ["mode=full"],
@@ -81,6 +83,21 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
                              *PS_LOWCOMM],
     "ps-T100-nesterov-int4": ["mode=ps", "lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4",
                               *PS_LOWCOMM],
+    # issue 27's levers: rounds that grow as the learning rate falls (qsr: about T = 50's rounds in all),
+    # a higher outer learning rate, lower rank (s = alpha / rank kept at 8), 2-bit uploads, error-fed downloads
+    "lte-qsr20-nesterov-int4": [QSR20, "eval.every=2", *NESTEROV, "comm.upload=int4"],
+    "lte-T50-nesterov1.5-int4": ["lte.merge_every=50", "eval.every=2", "lte.outer=nesterov", "lte.outer_lr=1.5",
+                                 "lte.outer_momentum=0.5", "comm.upload=int4"],
+    "lte-T50-nesterov-int4-r32": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4", *RANK32],
+    "lte-T50-nesterov-int2": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int2"],
+    "lte-T50-nesterov-int2-r32": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32],
+    "lte-qsr20-nesterov-int2-r32": [QSR20, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32],
+    "ps-T50-nesterov-int4-r32-ef": ["mode=ps", "lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
+                                    *RANK32, "worker.base_dtype=nf4", "comm.download=ef-int8"],
+    "ps-T50-nesterov-int2-r32-ef": ["mode=ps", "lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int2",
+                                    *RANK32, "worker.base_dtype=nf4", "comm.download=ef-int8"],
+    "ps-qsr20-nesterov-int2-r32-ef": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32,
+                                      "worker.base_dtype=nf4", "comm.download=ef-int8"],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
     "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }
@@ -98,7 +115,7 @@ def ps_bytes_per_worker(config: Path, workers: int, overrides: list[str], steps:
     spec, _ = core.plan(model, cfg.lte_config())
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items() if k in spec.master_keys()}
     proto = worker_protocols(cfg, spec, shapes, workers)[0]
-    rounds = math.ceil(steps / cfg.lte.merge_every)
+    rounds = RoundClock.of(cfg).rounds
     return proto.download.nbytes + rounds * (proto.upload.nbytes + proto.download.nbytes)
 
 
@@ -145,6 +162,22 @@ def over_seeds(name: str, runs: list[dict]) -> dict:
     if "measured_bytes_per_worker" in runs[0]:
         out["measured_bytes_per_worker"] = fmean([r["measured_bytes_per_worker"] for r in runs])
     return out
+
+
+def steps_to_reach(curve: list, loss: float) -> float | None:
+    """The step at which a loss curve [(step, loss), ...] first reaches `loss`, linear between its
+    evaluations (from (0, the first loss)); None if it never does."""
+    previous = (0, curve[0][1]) if curve else None
+    for step, value in curve:
+        if value <= loss:
+            (s0, v0) = previous
+            return step if v0 <= loss or v0 == value else s0 + (step - s0) * (v0 - loss) / (v0 - value)
+        previous = (step, value)
+    return None
+
+
+def ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}x"
 
 
 def spread(r: dict, metric: str) -> str:
@@ -241,6 +274,11 @@ def main() -> None:
     for r in results:  # the first evaluation at or below full-rank's final loss
         reach = next((step for step, loss in r["curve"] if full is not None and loss <= full["eval_loss"]), None)
         r["samples_to_full_rank_loss"] = None if reach is None else reach * batch
+        if full is not None and metric == "loss":  # what DDP spends to reach this run's final loss, over its bytes
+            step = steps_to_reach(full["curve"], r["eval_loss"])
+            reached = None if step is None else ddp * step / args.steps
+            r["ddp_bytes_to_its_loss"] = reached
+            r["ddp_to_its_loss_over_bytes"] = None if reached is None else reached / r["bytes_per_worker"]
     report = {"benchmark": "comm_quality", "preset": args.preset, "config": str(config.relative_to(ROOT)),
               "steps": args.steps, "seeds": seeds, "workers": workers, "metric": metric, "machine": machine("cpu"),
               "ddp_bytes_per_worker": ddp, "runs": results, "pareto": pareto(results, metric)}
@@ -249,8 +287,8 @@ def main() -> None:
     print(f"{report['config']}, {args.steps} steps of batch {batch}; bytes per worker over the run, {workers} "
           f"workers (LTE: a parameter server and {workers} workers; full-rank: DDP over {workers} ranks)")
     print("| run | final eval loss | eval accuracy | vs full-rank | samples to full-rank's loss | bytes per worker "
-          "| DDP / run |")
-    print("|---|---|---|---|---|---|---|")
+          "| DDP / run | DDP to its loss / run |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if full is None:
             rel = ""
@@ -262,7 +300,7 @@ def main() -> None:
         front = " (Pareto)" if r["name"] in report["pareto"] else ""
         print(f"| {r['name']}{front} | {spread(r, 'eval_loss')} | {spread(r, 'eval_accuracy')} | {rel} | "
               f"{'-' if reach is None else f'{reach:,}'} | {r['bytes_per_worker'] / 1e6:,.2f} MB | "
-              f"{r['ddp_over_bytes']:,.0f}x |")
+              f"{r['ddp_over_bytes']:,.0f}x | {ratio(r.get('ddp_to_its_loss_over_bytes'))} |")
     print(f"-> {out}")
 
 

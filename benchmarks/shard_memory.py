@@ -8,8 +8,9 @@ A real mode=ps run through lte's launcher: the server ranks with the fp32 master
 optimizer's momenta (Nesterov), one worker built lean (its base in nf4, never the fp32 model), one
 head of rank 16 with LoRA-FA and local chunks, 2 rounds of 1 step on 64-token windows of random
 tokens, the final evaluation on one batch. Each server rank's peak resident set comes from the run's
-summary (server_peak_memory_bytes with K > 1, peak_memory_bytes with one). Shard 0 builds the whole
-model from the seed (it evaluates and exports the master), the others hold their own tensors only.
+summary (server_peak_memory_bytes with K > 1, peak_memory_bytes with one). No shard holds the whole
+master: each draws its own tensors (the GPT's init is per tensor), they evaluate together module by
+module, and shard 0 streams final.safetensors (lte.distributed.shards).
 """
 from __future__ import annotations
 

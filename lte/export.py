@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.format == "safetensors":
             path, out = args.run / "final.pt", args.run / "final.safetensors"
+            if not path.is_file() and out.is_file():  # a sharded server's run wrote only this
+                print(out)
+                return 0
             if not path.is_file():
                 raise UserError(f"{path} not found (did the run finish?)")
             atomic_write_bytes(out, safetensors_bytes(torch.load(path, map_location="cpu", weights_only=True)))

@@ -80,8 +80,14 @@ def metrics(out_dir) -> list[dict]:
 
 
 def final(out_dir) -> dict:
-    """The weights a run exported (final.pt)."""
-    return torch.load(Path(out_dir) / "final.pt", weights_only=True)
+    """The weights a run exported: final.pt, or (a sharded server writes no final.pt) final.safetensors
+    read by safetensors' own loader."""
+    path = Path(out_dir) / "final.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / "final.safetensors"))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

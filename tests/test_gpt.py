@@ -110,3 +110,34 @@ def test_generate_follows_the_model_and_crops_to_its_block():
     table[2] = torch.tensor([0.0, 0.0, -1e9, -1e9, -1e9])  # after 2: 0 or 1, evenly
     drawn = generate(model, torch.full((4000, 1), 2), 1, block_size=4, generator=torch.Generator().manual_seed(0))[:, 1]
     assert set(drawn.tolist()) == {0, 1} and abs(drawn.float().mean().item() - 0.5) < 0.03
+
+
+def test_a_gpt_built_a_tensor_at_a_time_is_the_whole_gpt():
+    """Every parameter drawn alone (a shard of the server builds only its own: init_tensors) equals the
+    whole model of the same seed, bit for bit; and the draws follow GPT-2's scheme, checked by hand:
+    N(0, 0.02), the residual projections' std 0.02 / sqrt(2 n_layer), zero biases, unit LN scales."""
+    from lte.core import params_on_meta
+    from lte.runtime.model import init_tensors
+
+    args = dict(n_layer=3, n_head=2, n_embd=64, block_size=32, bias=True)
+    torch.manual_seed(5)
+    whole = create_model("gpt", {"vocab_size": 97}, **args)
+    with params_on_meta():
+        meta = create_model("gpt", {"vocab_size": 97}, **args)
+    keys = list(whole.state_dict())
+    alone = init_tensors(meta, list(reversed(keys)), 5, torch.device("cpu"))  # any order
+    assert alone.keys() == set(keys)
+    for k, v in whole.state_dict().items():
+        assert torch.equal(alone[k], v), k
+    assert not torch.equal(alone["blocks.0.attn.qkv.weight"], init_tensors(meta, ["blocks.0.attn.qkv.weight"], 6,
+                                                                          torch.device("cpu"))["blocks.0.attn.qkv.weight"])
+    stds = {k: v.std().item() for k, v in alone.items() if v.dim() > 1 or k == "pos_emb"}
+    for k, s in stds.items():
+        expect = 0.02 / math.sqrt(6) if k.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
+        assert s == pytest.approx(expect, rel=0.1), k
+    assert all(torch.all(v == 0) for k, v in alone.items() if k.endswith("bias"))
+    assert all(torch.all(v == 1) for k, v in alone.items() if ".ln_" in k and k.endswith("weight"))
+    # a model without a per-tensor init has none: the server's shard 0 builds it whole instead
+    with params_on_meta():
+        mlp = nn.Sequential(nn.Linear(4, 4))
+    assert init_tensors(mlp, ["0.weight"], 5, torch.device("cpu")) is None

@@ -19,6 +19,13 @@ def head_seed(seed: int, layer: str, head: int, draw: int = 0) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def named_generator(seed: int, name: str, purpose: str = "base") -> torch.Generator:
+    """A CPU generator of its own for tensor `name`, seeded by (seed, name, purpose) alone: a tensor
+    drawn from it is the same whether its model is built whole or one tensor at a time."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{purpose}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
 def semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """A rows x cols matrix with orthonormal rows (or columns), times sqrt(rows / cols)."""
     gauss = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)

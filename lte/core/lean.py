@@ -16,13 +16,12 @@ and their optimizer state, and one layer's decoded weight at a time in forward a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
-from .init import init_lora_A
+from .init import init_lora_A, named_generator
 from .inject import MERGES_KEY, lte_layers, reset_heads, state_of
 
 
@@ -87,7 +86,7 @@ def seeded_base(model: nn.Module, seed: int, std: float = 0.02) -> None:
     most one layer's fp32 weight exists at a time). Weights ~ N(0, std), each seeded by (seed, its
     name); 1-D replicated weights (norm scales) 1, biases 0; then the heads start from it."""
     for path, layer in lte_layers(model):
-        w = torch.randn(layer.shape, generator=_generator(seed, path), device="cpu").mul_(std)
+        w = torch.randn(layer.shape, generator=named_generator(seed, path), device="cpu").mul_(std)
         layer.load_payload(layer.base.encode(w.to(layer.lora_A.device)))
         del w
         if layer.bias is not None:
@@ -100,11 +99,5 @@ def seeded_base(model: nn.Module, seed: int, std: float = 0.02) -> None:
         elif t.dim() == 1:
             t.fill_(1.0)
         else:
-            t.copy_(torch.randn(t.shape, generator=_generator(seed, name)).mul_(std))
+            t.copy_(torch.randn(t.shape, generator=named_generator(seed, name)).mul_(std))
     reset_heads(model)
-
-
-def _generator(seed: int, name: str) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{name}/base".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-

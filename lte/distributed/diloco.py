@@ -52,8 +52,8 @@ class DiLoCoTrainer(DDPTrainer):
 
     def describe(self) -> str:
         outer = self.outer.describe() or "plain averaging"
-        return (f"DiLoCo: {self.env.world} full-rank workers, {self.cfg.lte.merge_every} local steps a round, "
-                f"{outer}; " + super().describe())
+        return (f"DiLoCo: {self.env.world} full-rank workers averaging their local steps, "
+                f"{self.clock.describe_rounds}, {outer}; " + super().describe())
 
     def gather_local_states(self) -> list[dict] | None:
         """Each rank's inner optimizer and RNG state, on rank 0 (checkpoint traffic, not counted)."""

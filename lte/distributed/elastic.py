@@ -159,7 +159,8 @@ class ElasticServer(ParameterServer):
                 self._say(f"worker {knock.name!r} left while joining ({exc})")
                 continue
             # per worker: each holds the download sequence it was sent (it may have joined late)
-            stream = self.cfg.comm.download_strategy().stream(self.protos[slot].download.nbytes)
+            stream = self.cfg.comm.download_strategy().stream(self.protos[slot].download.nbytes,
+                                                              self.protos[slot].download_values)
             member = self.members[slot] = Member(slot, link, knock.name, stream)
             self.records[slot].joins += 1
             threading.Thread(target=self._talk, args=(member,), daemon=True, name=f"lte-link-{slot + 1}").start()
@@ -195,6 +196,9 @@ class ElasticServer(ParameterServer):
                 self.inbox.put((m, "upload", (int(tag[0]), m.link.recv(proto.upload.empty(), "an upload"))))
         except PeerError as exc:
             self.inbox.put((m, "gone", str(exc)))
+
+    def held_download(self, w: int) -> torch.Tensor:
+        return self.members[w].stream.holds(super().held_download(w))
 
     def reply(self, m: Member, progress: Progress, accepted: bool, stop: bool = False) -> None:
         buf = self.last_download[self.format_of(m.slot)]

@@ -72,6 +72,11 @@ class Protocol:
                               for part, (shape, dtype) in codec.layout(self.heads[k]).items()]
                              + [("stats", (self.stats_size,), torch.float64)])
         self.download = Layout(self._download_entries(master_shapes, workers))
+        # the download's fp32 values (merged replicas; an fp32 base) as (byte offset, count): what a
+        # lossy download strategy codes (lte.core.download)
+        self.download_values = [(self.download.offsets[n][0], self.download.offsets[n][1] // 4)
+                                for n, _, dtype in self.download.entries if dtype == torch.float32
+                                and (n in spec.replicas or fmt.name == "fp32")]
         self.option_state = [(key(layer, name), shape) for layer in spec.layers
                              for name, shape in activations.layer_state(local_heads).items()]
         self.state = Layout(self._state_entries())

@@ -36,11 +36,11 @@ from ..runtime.config import Config
 from ..runtime.engine import eval_batches, evaluate
 from ..runtime.finish import Totals, finish_run, summary
 from ..runtime.log import RunLog, Throughput, peak_memory, say
-from ..runtime.model import build_model, load_model_state
+from ..runtime.model import buffers_to, build_model, init_tensors, load_model_state
 from ..runtime.rundir import RunDir, Start
 from .comm import bytes_per_step
 from .protocol import STATS, format_groups, worker_protocols
-from .shards import agree, gather_master, shard_peaks, shard_specs
+from .shards import agree, export_master, materialized, shard_peaks, shard_specs
 
 PHASES = ("compute_s", "upload_s", "merge_s", "download_s")
 
@@ -118,20 +118,20 @@ class ParameterServer(ABC):
             if self.start.finished is not None:
                 return  # nothing to build: the run in out_dir is done
         self.data = build_data(cfg.data.name, cfg.seed, cfg.data.args)
-        # shard 0 builds the whole model from the seed (the workers' init; it evaluates and exports the
-        # master); another shard only its shapes, on the meta device, and its own tensors from shard 0
-        self.model = build_model(cfg, self.data, device if self.is_main else None)
-        self.eval_set = eval_batches(cfg, self.data, device) if self.is_main else None
+        # one server holds the whole model; several hold it on the meta device, each with its own
+        # master tensors (lte.distributed.shards), and evaluate it together
+        self.model = (build_model(cfg, self.data, device) if servers == 1 else
+                      buffers_to(build_model(cfg, self.data, None), device))
+        self.eval_set = eval_batches(cfg, self.data, device) if self.is_main or servers > 1 else None
         lm = self.data.task == "language_model"  # its rounds' rows give tokens/s too
         self.speed = Throughput(device, getattr(self.data.train, "block_size", 0) if lm else 0)
         spec, _ = core.plan(self.model, cfg.lte_config())  # what a merge touches (no memory options)
         sd = self.model.state_dict(keep_vars=True)
         shapes = {k: tuple(sd[k].shape) for k in spec.master_keys()}
         self.specs = shard_specs(spec, shapes, servers)
-        # shard 0's are views into its model (merging updates the model); another shard's are its own,
-        # filled by scatter_master (lte.distributed.shards) once the shards' group exists
-        self.master = {k: sd[k] if self.is_main else torch.empty(shapes[k], dtype=sd[k].dtype, device=device)
-                       for k in self.specs[shard].master_keys()}
+        # shard 0's whole initial state where the other shards' init must come from it (scatter_master)
+        self.init_from_main, self.whole_init = False, None
+        self.master = self.own_master(sd)
         self.all_protos = [worker_protocols(cfg, s, shapes, workers) for s in self.specs]
         self.protos = self.all_protos[shard]
         self.format_members = format_groups(self.protos)[1]  # worker numbers (1..) storing each base format
@@ -143,6 +143,22 @@ class ParameterServer(ABC):
         if self.start.state is not None and servers == 1:  # several shards keep these in their own files
             load_model_state(self.model, self.start.state["master"], self.start.path)
             self.outer.load_state_dict(self.start.state.get("outer"), device)
+
+    def own_master(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This shard's master tensors: with one server, views into its model (merging updates it);
+        with several, each drawn alone where the model's init is per tensor, or else shard 0's from a
+        whole model it builds, the others' empty until shard 0 sends them (scatter_master)."""
+        own = self.specs[self.shard].master_keys()
+        if self.servers == 1:
+            return {k: sd[k] for k in own}
+        mine = init_tensors(self.model, own, self.cfg.seed, self.device)
+        if mine is not None:
+            return mine
+        self.init_from_main = True
+        if not self.is_main:
+            return {k: torch.empty(sd[k].shape, dtype=sd[k].dtype, device=self.device) for k in own}
+        self.whole_init = build_model(self.cfg, self.data, self.device).state_dict()  # dropped once sent
+        return {k: self.whole_init[k] for k in own}
 
     # what a transport supplies -----------------------------------------------------------
     @abstractmethod
@@ -208,7 +224,7 @@ class ParameterServer(ABC):
         self.deliver(uploads, progress)
         t3 = time.perf_counter()
         if self.clock.evaluates(progress.step):
-            self.gather_master()
+            progress.last_eval = self.evaluate()
         if self.is_main:
             self.log_round(progress, uploads, {"upload_s": uploads.seconds, "merge_s": t2 - t1, "download_s": t3 - t2},
                            steps, t3)
@@ -250,13 +266,15 @@ class ParameterServer(ABC):
         """The download, encoded once per base format the workers store."""
         return [self.protos[members[0]].encode_base(self.master, accepted) for members in self.by_format]
 
-    def held(self) -> dict[str, torch.Tensor]:
-        """The master tensors this shard holds: shard 0 every one (its model's), another its own."""
-        return self.model.state_dict(keep_vars=True) if self.is_main else self.master
-
-    def gather_master(self) -> None:
-        """The whole master in shard 0's model (with one shard it is there already)."""
-        gather_master(self.held(), self.specs, self.shard, self.shard_group)
+    def evaluate(self) -> dict | None:
+        """The master's metrics (None on shards other than 0): several shards evaluate together, each
+        module's tensors brought from the shard that owns them as it runs (shards.materialized)."""
+        args = (self.model, self.eval_set, self.data.task, self.device, self.cfg.train.precision)
+        if self.servers == 1:
+            return evaluate(*args)
+        with materialized(self.model, self.master, self.specs, self.shard, self.shard_group):
+            metrics = evaluate(*args)
+        return metrics if self.is_main else None
 
     def log_round(self, progress: Progress, uploads: Uploads, times: dict, steps: int, now: float) -> None:
         """The round's row (loss and compute time as the accepted workers report them), with the
@@ -275,8 +293,6 @@ class ParameterServer(ABC):
         if chunk_losses:
             row["chunk_losses"] = chunk_losses
         if self.clock.evaluates(progress.step):
-            progress.last_eval = evaluate(self.model, self.eval_set, self.data.task, self.device,
-                                          self.cfg.train.precision)
             row.update({f"eval_{n}": v for n, v in progress.last_eval.items()})
         logged = self.clock.logs(progress.step, since=progress.step - steps)
         if logged:
@@ -299,25 +315,39 @@ class ParameterServer(ABC):
 
     def finish(self, progress: Progress) -> dict | None:
         closing = self.close(progress)
-        self.gather_master()
-        peaks = shard_peaks(peak_memory(self.device)["peak_memory_bytes"], self.shard_group)  # after every gather
+        weights = self.final_weights()
+        peaks = shard_peaks(peak_memory(self.device)["peak_memory_bytes"], self.shard_group)  # after the export
         if not self.is_main:
             return None
         if closing.mismatched:
             self.log.say(f"error: worker rank(s) {closing.mismatched} ended with a base that differs from the server's")
         result = {**self.summarize(progress, closing.per_rank, closing.mismatched), **closing.summary,
                   **({"server_peak_memory_bytes": peaks} if self.servers > 1 else {})}
-        return finish_run(self.rundir, self.log, result, self.model.state_dict(), self.model, self.data,
+        return finish_run(self.rundir, self.log, result, weights, self.model, self.data,
                           lambda marks: self.save_checkpoint(progress, closing.parts, **marks))
+
+    def final_weights(self) -> dict | None:
+        """One server: its model's state, for the results. Several: the shards stream it into shard 0's
+        final.safetensors now, a tensor at a time (None: written)."""
+        if self.servers == 1:
+            return self.model.state_dict()
+        write = self.rundir.write_weights if self.is_main else None
+        export_master(self.model, self.master, self.specs, self.shard, self.shard_group, write)
+        return None
 
     def format_of(self, w: int) -> int:
         """The index of worker w's base format (in self.by_format, self.last_download)."""
         return next(i for i, members in enumerate(self.by_format) if w in members)
 
+    def held_download(self, w: int) -> torch.Tensor:
+        """The download buffer worker w holds: the last one of its format (a transport whose download
+        stream is lossy answers with the stream's copy of what the worker holds)."""
+        return self.last_download[self.format_of(w)]
+
     def expected_digest(self, w: int) -> int:
-        """The digest of the base worker w should hold: the last download of its format."""
+        """The digest of the base worker w should hold."""
         p = self.protos[w]
-        return p.base_digest(p.download.unpack(self.last_download[self.format_of(w)]))
+        return p.base_digest(p.download.unpack(self.held_download(w)))
 
     def upload_nbytes(self, w: int) -> int:
         """Worker w's upload of a round, to all the shards together."""
@@ -345,7 +375,8 @@ class ParameterServer(ABC):
                      # per worker, averaged over the workers (they differ when worker.per_rank mixes options)
                      "upload_bytes_per_round": mean(up), "download_bytes_per_round": mean(down),
                      # per step once started: without the start-up handshake and first base download
-                     "steady_bytes_per_step_per_worker": mean([u + d for u, d in zip(up, down)]) / cfg.lte.merge_every},
+                     "steady_bytes_per_step_per_worker": (mean([u + d for u, d in zip(up, down)])
+                                                          / self.clock.mean_round())},
         }
 
     def worker_summary(self, w: int) -> dict:
@@ -362,8 +393,8 @@ class ParameterServer(ABC):
                                              cfg.comm.describe(), self.robust.describe()) if d)
         shards = f" in {self.servers} shards" if self.servers > 1 else ""
         return (f"parameter server{shards} on {self.device} ({self.backend}), {self.workers} workers x "
-                f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, merge every "
-                f"{cfg.lte.merge_every} steps{options}; {cfg.model.name} on {cfg.data.name}, "
+                f"{cfg.worker.heads} heads = {cfg.lte.heads} heads of rank {cfg.lte.rank}, "
+                f"{self.clock.describe_rounds}{options}; {cfg.model.name} on {cfg.data.name}, "
                 f"batch {cfg.train.batch_size}, {cfg.train.steps} steps; " + "; ".join(workers))
 
     def outer_shapes(self) -> dict[str, tuple[int, ...]]:

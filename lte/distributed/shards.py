@@ -6,11 +6,16 @@ first to the shard with the fewest bytes so far, and runs the whole protocol for
 upload to shard k holds the factors of shard k's layers only, shard k merges them (with its part
 of the outer optimizer's state) and sends back its layers' base. The shards agree on which
 workers' updates they accept (an all-reduce of the masks), so a worker's heads go into every
-shard's merge or into none. Shard 0 also holds the run directory, logs, evaluates and writes the
-results; it gathers the other shards' tensors when it evaluates and at the end. Only shard 0 builds
-the whole model from the seed; the others build its shapes on the meta device and receive their own
-tensors from shard 0 at the start (scatter_master), so a shard holds 1/K of the master and of the
-outer optimizer's state.
+shard's merge or into none. Shard 0 also holds the run directory, logs and writes the results.
+
+No shard holds the whole master at any time, so a shard's memory is 1/K of the master and of the
+outer optimizer's state plus one module's weights:
+- every shard builds the model on the meta device and initialises only its own tensors, each drawn
+  alone (lte.runtime.model.init_tensors; models whose init is not per tensor are built whole by
+  shard 0 at the start, which gives the others their tensors and keeps its own: scatter_master);
+- the shards evaluate together, each module's tensors brought from their owner as it runs and
+  dropped after (materialized);
+- shard 0 writes final.safetensors a tensor at a time as the owners send them (export_master).
 
 Checkpoints: every shard writes its tensors (master, outer momenta, its part of each worker's
 state, its byte counters) with torch.distributed.checkpoint into checkpoint-<step>.dcp/, then
@@ -20,6 +25,7 @@ a kill between the two leaves the previous checkpoint in force. A run resumes wi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -85,43 +91,121 @@ def agree(accepted: torch.Tensor, servers: "dist.ProcessGroup | None") -> torch.
     return accepted
 
 
-def gather_master(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
-                  servers: "dist.ProcessGroup | None") -> None:
-    """Bring every shard's master tensors into shard 0's copy of the model (for its evaluation and
-    results): shard k sends its tensors in one buffer. `held`: shard 0's model state, another shard's
-    own tensors. Server-internal traffic: not counted."""
-    _between_shards(held, specs, shard, servers, to_main=True)
+def owners(specs: list[MergeSpec]) -> dict[str, int]:
+    """The shard that owns each master tensor."""
+    return {name: k for k, spec in enumerate(specs) for name in spec.master_keys()}
 
 
 def scatter_master(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
                    servers: "dist.ProcessGroup | None") -> None:
-    """The reverse at the start: shard 0's model (built from the seed) gives every other shard its
-    own tensors, so a shard never builds the whole model and starts from the workers' init."""
-    _between_shards(held, specs, shard, servers, to_main=False)
-
-
-def _between_shards(held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
-                    servers: "dist.ProcessGroup | None", to_main: bool) -> None:
-    """Shard k's tensors between shard k and shard 0, one message a tensor, straight from and into
-    the tensors (a packed buffer would add 1/K of the master to a shard's peak memory)."""
+    """Shard 0's init (a whole model built from the seed, for models whose init is not per tensor:
+    lte.runtime.model.init_tensors) gives every other shard its own tensors, one message a tensor,
+    straight from and into the tensors. `held`: shard 0's whole state, another shard's own tensors."""
     if servers is None:
         return
     for k in range(1, len(specs)):
         if shard not in (0, k):
             continue
-        sends = (shard == k) == to_main
-        peer = (0 if to_main else k) if sends else (k if to_main else 0)
         for n in specs[k].master_keys():
-            t = held[n].detach()
-            direct = t.device.type == "cpu" and t.is_contiguous()
-            buf = t if direct else (t.cpu().contiguous() if sends else torch.empty(t.shape, dtype=t.dtype))
-            if sends:
-                dist.send(buf, dst=peer, group=servers)
+            if shard == 0:
+                dist.send(_on_host(held[n]), dst=k, group=servers)
             else:
-                dist.recv(buf, src=peer, group=servers)
-                if not direct:
-                    with torch.no_grad():
-                        t.copy_(buf)
+                _receive(held[n], src=0, servers=servers)
+
+
+@contextlib.contextmanager
+def materialized(model: torch.nn.Module, held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+                 servers: "dist.ProcessGroup"):
+    """Every shard runs the same forward passes together on its model, whose master tensors are on
+    the meta device: as a module starts, each of its own tensors comes from the shard owning it (a
+    broadcast among the shards) and goes when it ends, so a shard holds its own tensors and one
+    module's more (FSDP's all-gather per module, without the sharding of compute). A module's tensors
+    must be used in its own forward (true of lte's models, timm's and transformers' untied ones)."""
+    owner, handles = owners(specs), []
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        mine = [(attr, prefix + attr, t) for attr, t in [*module.named_parameters(recurse=False),
+                                                          *module.named_buffers(recurse=False)]
+                if prefix + attr in owner]
+        if mine:
+            handles.append(module.register_forward_pre_hook(_fetch(mine, owner, held, shard, servers)))
+            handles.append(module.register_forward_hook(_restore(mine)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fetch(mine, owner, held, shard, servers):
+    def hook(module, args):
+        for attr, name, t in mine:
+            value = held[name] if owner[name] == shard else torch.empty(t.shape, dtype=t.dtype, device=_device(held))
+            _broadcast(value, owner[name], servers)
+            setattr(module, attr, torch.nn.Parameter(value, requires_grad=False)
+                    if isinstance(t, torch.nn.Parameter) else value)
+    return hook
+
+
+def _restore(mine):
+    def hook(module, args, output):
+        for attr, _, t in mine:
+            setattr(module, attr, t)
+    return hook
+
+
+def export_master(model: torch.nn.Module, held: dict[str, torch.Tensor], specs: list[MergeSpec], shard: int,
+                  servers: "dist.ProcessGroup", write) -> None:
+    """The model's final state (its state_dict's keys and order) streamed to shard 0 a tensor at a
+    time, each from the shard owning it (shard 0's other entries, buffers, from its model), into
+    `write(layout, tensors)` (RunDir.write_weights) on shard 0; every shard calls it together."""
+    owner, state = owners(specs), model.state_dict(keep_vars=True)
+
+    def tensors():
+        for name, t in state.items():
+            k = owner.get(name, 0)
+            if k == 0:
+                yield held[name] if name in owner else t
+            else:
+                yield _receive(torch.empty(t.shape, dtype=t.dtype), src=k, servers=servers)
+
+    if shard == 0:
+        write([(n, t.dtype, tuple(t.shape)) for n, t in state.items()], tensors())
+        return
+    for name in state:
+        if owner.get(name) == shard:
+            dist.send(_on_host(held[name]), dst=0, group=servers)
+
+
+def _device(held: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(held.values())).device if held else torch.device("cpu")
+
+
+def _on_host(t: torch.Tensor) -> torch.Tensor:
+    """What Gloo sends: a contiguous host tensor (the tensor itself where it is one)."""
+    t = t.detach()
+    return t if t.device.type == "cpu" and t.is_contiguous() else t.cpu().contiguous()
+
+
+def _receive(into: torch.Tensor, src: int, servers) -> torch.Tensor:
+    """Receive a tensor from `src` into `into` (through a host buffer where it is not one)."""
+    direct = into.device.type == "cpu" and into.is_contiguous()
+    buf = into.detach() if direct else torch.empty(into.shape, dtype=into.dtype)
+    dist.recv(buf, src=src, group=servers)
+    if not direct:
+        with torch.no_grad():
+            into.copy_(buf)
+    return into
+
+
+def _broadcast(value: torch.Tensor, src: int, servers) -> None:
+    """`value` from shard `src` to every shard, through the host where the group is Gloo's."""
+    if value.device.type == "cpu" or dist.get_backend(servers) != "gloo":
+        dist.broadcast(value, src=src, group=servers)
+        return
+    buf = value.cpu()
+    dist.broadcast(buf, src=src, group=servers)
+    value.copy_(buf)
 
 
 def shard_peaks(mine: int, servers: "dist.ProcessGroup | None") -> list[int]:

@@ -65,9 +65,13 @@ class TorchrunServer(ParameterServer):
             channels = make_channels(self.exchange, self.servers, self.workers, self.format_members)
             self.toward, self.groups = channels.exchanges[self.shard], channels.format_groups[self.shard]
             self.shard_group = channels.servers
-            scatter_master(self.held(), self.specs, self.shard, self.shard_group)  # the other shards' init
+            if self.init_from_main:  # the other shards' init, from shard 0's whole model
+                scatter_master(self.whole_init if self.is_main else self.master, self.specs, self.shard,
+                               self.shard_group)
+                self.whole_init = None
             download = self.cfg.comm.download_strategy()  # per format: the download sequence its workers hold
-            self.streams = [download.stream(self.protos[m[0]].download.nbytes) for m in self.by_format]
+            self.streams = [download.stream(self.protos[m[0]].download.nbytes, self.protos[m[0]].download_values)
+                            for m in self.by_format]
         return control
 
     def decide_start(self) -> Control:
@@ -109,6 +113,9 @@ class TorchrunServer(ParameterServer):
     def deliver(self, uploads: Uploads, progress: Progress) -> None:
         self.send(self.last_download, f"the download of round {progress.merges}")
 
+    def held_download(self, w: int) -> torch.Tensor:
+        return self.streams[self.format_of(w)].holds(super().held_download(w))
+
     def send(self, downloads: list[torch.Tensor], what: str) -> None:
         """Each format's download to the workers that store it, through its download stream."""
         for buf, group, stream in zip(downloads, self.groups, self.streams):
@@ -123,6 +130,8 @@ class TorchrunServer(ParameterServer):
             state = self.start.state
             self.exchange.add(state["comm"])
             workers = [p.state.pack(w) for p, w in zip(self.protos, state["workers"])]
+            for stream, held in zip(self.streams, state.get("downloads", [])):  # lossy downloads: the workers' copy
+                stream.load_state_dict(held)
         else:
             saved = load_shard(self.rundir.shard_path(progress.step), self.shard_tensors(), self.shard,
                                self.shard_group)
@@ -133,6 +142,9 @@ class TorchrunServer(ParameterServer):
                 self.outer.momenta = {n: saved[f"outer.{n}"].to(self.device) for n in self.outer_shapes()}
             self.exchange.add(saved["comm"])
             workers = [saved[f"worker{w}"] for w in range(self.workers)]
+            for i, stream in enumerate(self.streams):
+                if f"download{i}" in saved:
+                    stream.load_state_dict({"previous": saved[f"download{i}"]})
         self.toward.scatter(workers, [p.state.nbytes for p in self.protos], "the checkpoint restore", checkpoint=True)
 
     def shard_tensors(self, snapshot: torch.Tensor | None = None, states: list[torch.Tensor] | None = None
@@ -146,6 +158,10 @@ class TorchrunServer(ParameterServer):
         out["comm"] = snapshot if snapshot is not None else torch.zeros_like(self.exchange.snapshot())
         for w, p in enumerate(self.protos):
             out[f"worker{w}"] = states[w] if states is not None else p.state.empty()
+        if self.cfg.comm.download_strategy().lossy:  # what the workers of each format hold
+            for i, (stream, members) in enumerate(zip(self.streams, self.by_format)):
+                out[f"download{i}"] = (stream.holds(None) if states is not None
+                                       else self.protos[members[0]].download.empty())
         return out
 
     def checkpoint_parts(self, progress: Progress, final: bool) -> dict:
@@ -160,7 +176,8 @@ class TorchrunServer(ParameterServer):
             dist.barrier(group=self.shard_group)
             return {"servers": self.servers}
         workers = [{n: t.clone() for n, t in p.state.unpack(b).items()} for p, b in zip(self.protos, states)]
-        return {"comm": snapshot, "workers": workers}
+        downloads = ([s.state_dict() for s in self.streams] if self.cfg.comm.download_strategy().lossy else [])
+        return {"comm": snapshot, "workers": workers, **({"downloads": downloads} if downloads else {})}
 
     def close(self, progress: Progress) -> Closing:
         mismatched = self.check_bases()

@@ -84,7 +84,8 @@ class Worker:
         self.uploader = Uploader(self.proto.codec)  # its error-feedback residuals, with comm.upload < fp32
         self.carry = core.CarriedRound()  # what the heads keep of a round in flight (empty without overlap)
         download = cfg.comm.download_strategy()  # per shard: the download sequence this worker holds
-        self.streams = [download.stream(protos[self.index].download.nbytes) for protos in self.shard_protos]
+        self.streams = [download.stream(protos[self.index].download.nbytes, protos[self.index].download_values)
+                        for protos in self.shard_protos]
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         # looked up each time: local chunks move buffers between host and device

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import named_generator
 from .registry import register
 
 
@@ -103,21 +104,27 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self._init_weights()
+        # the seed of the build (torch.manual_seed's; build_model gives the run's) draws each parameter
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p, torch.initial_seed())
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
-        # GPT-2's scheme: N(0, 0.02) everywhere, zero biases, and the projections that write into
-        # the residual stream scaled down by sqrt(2 * n_layer) so the stream's variance stays put.
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.pos_emb, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+    def init_parameter(self, name: str, t: torch.Tensor, seed: int) -> None:
+        """Parameter `name`'s initial value into `t` (on the CPU), from a generator of its own seeded by
+        (seed, name): the same whether the model is built whole or a tensor at a time (the shards of a
+        parameter server build only their own: lte.runtime.model.init_tensors). GPT-2's scheme: N(0, 0.02)
+        everywhere, zero biases, unit LayerNorm scales, and the projections that write into the residual
+        stream scaled down by sqrt(2 * n_layer) so the stream's variance stays put."""
+        path, _, attr = name.rpartition(".")
+        module = self.get_submodule(path)
+        if attr == "bias":
+            t.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            t.fill_(1.0)
+        else:
+            residual = path.endswith(("attn.proj", "mlp.proj"))
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            t.normal_(0.0, std, generator=named_generator(seed, name))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

@@ -23,6 +23,7 @@ from ..core.robust import Robust, get_rule
 from ..core.upload import UploadCodec, get_codec
 from ..errors import ConfigError
 from ..memory import SETTINGS, Activations, get_activations, with_settings
+from .clock import round_lengths
 from .loader import build, coerce, read_yaml, with_overrides
 
 
@@ -93,7 +94,7 @@ class LTECfg(Section):
     heads: typing.Optional[int] = 4  # total number of heads N (mode=ps: null = workers x worker.heads)
     rank: int = 8
     alpha: float = 64.0          # head scale s = alpha / rank
-    merge_every: int = 10        # T: optimizer steps per head between merges (one round)
+    merge_every: typing.Any = 10  # T: steps per round: an integer, [[step, T], ...] or {schedule: qsr, min, max}
     reset: str = "b"             # b | none | ab (see lte.LTEConfig)
     other_params: str = "replica"
     embeddings: str = "replica"  # token embeddings: replica (a trained copy per head) | lte (an LTE layer)
@@ -103,7 +104,7 @@ class LTECfg(Section):
     outer_momentum: float = 0.0
 
     def check(self, run):
-        self.at_least("merge_every", 1)
+        self.round_lengths(run.train)
         require(self.lr is None or self.lr > 0, "lte.lr", "must be > 0 or null", self.lr)
         require(self.heads is not None or run.mode == "ps", "lte.heads", "must be set (it may be null only in mode=ps)",
                 self.heads)
@@ -111,6 +112,10 @@ class LTECfg(Section):
         if self.outer_optimizer().active and not run.mode_of.merges:
             raise ConfigError(f"lte.outer={self.outer} steps the merges of rounds (mode=lte, ps or diloco); "
                               f"mode={run.mode} has no merge")
+
+    def round_lengths(self, train):
+        """The rule of the rounds' lengths (lte.runtime.clock.round_lengths), against train.schedule."""
+        return round_lengths(self.merge_every, train.lr_factor, train.warmup_steps)
 
     def outer_optimizer(self) -> OuterOptimizer:
         """The outer optimizer of the run's merges (lte.outer, lte.outer_lr, lte.outer_momentum)."""
@@ -319,7 +324,7 @@ class TrainCfg(Section):
 @dataclass
 class CommCfg(Section):          # what a merge receives of the heads (mode=ps: what the workers send)
     key = "comm"
-    upload: str = "fp32"         # fp32 | bf16 | int8 | int4 (blocks of 64 with a scale; error feedback)
+    upload: str = "fp32"         # fp32 | bf16 | int8 | int4 | int2 (blocks of 64 with a scale; error feedback)
     download: str = "full"       # mode=ps: full | delta (the change since the last download, deflated; exact)
     overlap: bool = False        # a round's upload, merge and download run during the next round (one round stale)
 

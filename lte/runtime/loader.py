@@ -76,6 +76,8 @@ def coerce(tp, value, key: str):
     """`value` as the type hint `tp` says, or a ConfigError naming `key`."""
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, key + ".")
+    if tp is typing.Any:  # a key of several shapes: its section's check says which it takes
+        return value
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
     if optional:
         if value is None:

@@ -24,6 +24,35 @@ def build_model(cfg: Config, data, device: torch.device | None) -> nn.Module:
     return model if device is None else model.to(device)
 
 
+def init_tensors(model: nn.Module, keys, seed: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The initial values of the tensors `keys` of a model built on the meta device (build_model with
+    device None), each made alone, equal to build_model's whole model of the same seed: for models
+    whose init is per tensor (an `init_parameter(name, tensor, seed)` method, as lte's GPT has); None
+    for others. Buffers are real in such a model already (lte.core.params_on_meta) and are copied."""
+    init = getattr(model, "init_parameter", None)
+    if init is None:
+        return None
+    params, out = dict(model.named_parameters()), {}
+    state = model.state_dict(keep_vars=True)
+    for k in keys:
+        t = state[k]
+        if k in params:
+            real = torch.empty(t.shape, dtype=t.dtype)
+            init(k, real, seed)
+        else:
+            real = t.detach().clone()
+        out[k] = real.to(device)
+    return out
+
+
+def buffers_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """A meta-built model's buffers (real: masks, rotary tables) onto `device`; its parameters stay."""
+    for module in model.modules():
+        for name, b in list(module.named_buffers(recurse=False)):
+            setattr(module, name, b.to(device))
+    return model
+
+
 def check_fits(model: nn.Module, data) -> None:
     """Refuse a model too small for its data, before anything trains: a vocabulary missing some of
     the data's token ids, or a position table shorter than the data's windows (models and data

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from .. import faults
 from ..errors import ConfigError, UserError
 from ..models.hf import is_transformers_model
 from .config import FREE_KEYS, Config
-from .results import safetensors_bytes, save_hf_folder
+from .results import read_safetensors, safetensors_bytes, safetensors_chunks, save_hf_folder
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", "final.safetensors", "hf")
@@ -56,11 +57,18 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, fault_step: int | None = None) -> None:
     """Replace `path` with `data`: temporary file in the same directory, fsync, rename, fsync dir."""
+    atomic_write_chunks(path, [data], fault_step)
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable, fault_step: int | None = None) -> None:
+    """atomic_write_bytes of the concatenated `chunks` (bytes-like), written as they come, so the
+    whole never needs to be in memory at once."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        if fault_step is not None:
-            faults.during_write(fault_step, f, data)
-        f.write(data)
+        for data in chunks:
+            if fault_step is not None:
+                faults.during_write(fault_step, f, data)
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -257,16 +265,26 @@ class RunDir:
                     break  # a torn last line: everything before it is kept
             atomic_write_text(path, "".join(r + "\n" for r in kept))
 
-    def write_results(self, summary: dict, weights: dict, model: torch.nn.Module, data) -> None:
+    def write_results(self, summary: dict, weights: dict | None, model: torch.nn.Module, data) -> None:
         """The run's results; `model` (the model the process trained) and `data` say whether and how
-        to write a transformers model's save_pretrained folder too."""
-        # host tensors: final.pt loads on any machine, whatever device trained it
-        weights = {k: v.detach().cpu() for k, v in weights.items()}
-        atomic_torch_save(weights, self.path / "final.pt")
-        atomic_write_bytes(self.path / "final.safetensors", safetensors_bytes(weights))
+        to write a transformers model's save_pretrained folder too. `weights` None: final.safetensors
+        is written already, a tensor at a time (write_weights; a sharded server), and no final.pt."""
+        if weights is not None:
+            # host tensors: final.pt loads on any machine, whatever device trained it
+            weights = {k: v.detach().cpu() for k, v in weights.items()}
+            atomic_torch_save(weights, self.path / "final.pt")
+            atomic_write_bytes(self.path / "final.safetensors", safetensors_bytes(weights))
         if is_transformers_model(model):
-            save_hf_folder(self.cfg, data, weights, self.path / "hf")
+            save_hf_folder(self.cfg, data, weights if weights is not None else
+                           read_safetensors(self.path / "final.safetensors", torch.device("cpu")), self.path / "hf")
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def write_weights(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable) -> None:
+        """final.safetensors from `tensors` (one per entry of `layout`, in its order) as they come, so
+        the whole state never needs to be in this process's memory (a sharded server's shard 0);
+        the previous run's final.pt goes, as it would no longer match."""
+        (self.path / "final.pt").unlink(missing_ok=True)
+        atomic_write_chunks(self.path / "final.safetensors", safetensors_chunks(layout, tensors))
 
 
 def finished_line(path: Path, summary: dict) -> str:

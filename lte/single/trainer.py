@@ -159,7 +159,7 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, engine = self.cfg, self.engine
-        what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, merge every {cfg.lte.merge_every} steps"
+        what = (f"LTE, {len(engine.heads)} heads of rank {cfg.lte.rank}, {self.clock.describe_rounds}"
                 if self.lte else "full-rank")
         options = ", ".join(filter(None, [cfg.worker.describe(), self.outer.describe(), self.uploader.describe(),
                                           cfg.comm.describe(downloads=False), self.robust.describe()])) \
