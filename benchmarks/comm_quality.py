@@ -96,6 +96,11 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
                                     *RANK32, "worker.base_dtype=nf4", "comm.download=ef-int8"],
     "ps-T50-nesterov-int2-r32-ef": ["mode=ps", "lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int2",
                                     *RANK32, "worker.base_dtype=nf4", "comm.download=ef-int8"],
+    "ps-qsr20-nesterov-int4": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int4", *PS_LOWCOMM],
+    "ps-qsr20-nesterov-int4-r32-ef": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int4", *RANK32,
+                                      "worker.base_dtype=nf4", "comm.download=ef-int8"],
+    "ps-qsr20-nesterov-int2-r32-fp32-ef4": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32,
+                                            "worker.base_dtype=fp32", "comm.download=ef-int4"],
     "ps-qsr20-nesterov-int2-r32-ef": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32,
                                       "worker.base_dtype=nf4", "comm.download=ef-int8"],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
@@ -176,8 +181,11 @@ def steps_to_reach(curve: list, loss: float) -> float | None:
     return None
 
 
-def ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.0f}x"
+def ratio(x: float | None, measured: bool) -> str:
+    """The DDP-to-its-loss ratio; where DDP never reaches the run's loss, says so."""
+    if x is None:
+        return "DDP never reaches it" if measured else "-"
+    return f"{x:,.0f}x"
 
 
 def spread(r: dict, metric: str) -> str:
@@ -300,7 +308,8 @@ def main() -> None:
         front = " (Pareto)" if r["name"] in report["pareto"] else ""
         print(f"| {r['name']}{front} | {spread(r, 'eval_loss')} | {spread(r, 'eval_accuracy')} | {rel} | "
               f"{'-' if reach is None else f'{reach:,}'} | {r['bytes_per_worker'] / 1e6:,.2f} MB | "
-              f"{r['ddp_over_bytes']:,.0f}x | {ratio(r.get('ddp_to_its_loss_over_bytes'))} |")
+              f"{r['ddp_over_bytes']:,.0f}x | "
+              f"{ratio(r.get('ddp_to_its_loss_over_bytes'), 'ddp_bytes_to_its_loss' in r)} |")
     print(f"-> {out}")
 
 
