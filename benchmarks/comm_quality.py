@@ -24,8 +24,8 @@ quality is that of the mode=ps run whose bytes are counted: those come from the 
 server's message layouts for the preset's workers (lte.distributed.protocol, the sizes its byte
 counters count, as tests/test_dist.py checks), the first base download, then every round's upload
 and download (full downloads: the lte-* rows do not count comm.download=delta's savings). The ps-*
-runs are mode=ps for real (a server and the preset's workers, nf4 bases, delta downloads, as
-configs/<preset>_lowcomm.yaml) and report the bytes their counters counted. mode=diloco runs as that
+runs are mode=ps for real (a server and the preset's workers: nf4 bases with delta or error-fed
+downloads, or fp32 bases with 2-bit error-fed ones) and report the bytes their counters counted. mode=diloco runs as that
 many processes and reports its own byte counters (one ring all-reduce of the model a round).
 DDP's bytes are what its counting hook adds up for the full-rank model over as many ranks, a ring
 all-reduce of the fp32 gradient every step; full-rank training in one process gives DDP's quality
@@ -55,6 +55,9 @@ COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work 
 NESTEROV = ["lte.outer=nesterov", "lte.outer_lr=1.0", "lte.outer_momentum=0.5"]
 PS_LOWCOMM = ["worker.base_dtype=nf4", "comm.download=delta"]
 QSR20 = "lte.merge_every={schedule: qsr, min: 20, max: 400}"
+QSR25 = "lte.merge_every={schedule: qsr, min: 25, max: 400}"
+QSR30 = "lte.merge_every={schedule: qsr, min: 30, max: 400}"
+PS_EF2 = ["worker.base_dtype=fp32", "comm.download=ef-int2"]
 RANK32 = ["lte.rank=32", "lte.alpha=256"]
 DILOCO_OUTER = ["lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9"]
 RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
@@ -103,6 +106,13 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
                                             "worker.base_dtype=fp32", "comm.download=ef-int4"],
     "ps-qsr20-nesterov-int2-r32-ef": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32,
                                       "worker.base_dtype=nf4", "comm.download=ef-int8"],
+    # fp32 workers whose base follows the master through 2-bit error-fed downloads (no nf4 error in the heads' base)
+    "ps-qsr25-nesterov-int2-r32-fp32-ef2": ["mode=ps", QSR25, "eval.every=2", *NESTEROV, "comm.upload=int2", *RANK32,
+                                            *PS_EF2],
+    "ps-qsr20-nesterov-int4-fp32-ef2": ["mode=ps", QSR20, "eval.every=2", *NESTEROV, "comm.upload=int4", *PS_EF2],
+    "ps-qsr30-nesterov-int2-fp32-ef2": ["mode=ps", QSR30, "eval.every=2", *NESTEROV, "comm.upload=int2", *PS_EF2],
+    "ps-qsr25-nesterov-int4-r32-fp32-ef2": ["mode=ps", QSR25, "eval.every=2", *NESTEROV, "comm.upload=int4", *RANK32,
+                                            *PS_EF2],
     "diloco-H50": ["mode=diloco", "lte.merge_every=50", "eval.every=2", *DILOCO_OUTER],
     "diloco-H100": ["mode=diloco", "lte.merge_every=100", "eval.every=1", *DILOCO_OUTER],
 }

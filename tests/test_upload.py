@@ -142,7 +142,7 @@ def test_delta_downloads_reproduce_every_base_and_cost_what_changed():
     assert sizes[2] < 0.01 * first.numel()   # nothing changed
 
 
-@pytest.mark.parametrize("name,qmax", [("ef-int8", 127), ("ef-int4", 7)])
+@pytest.mark.parametrize("name,qmax", [("ef-int8", 127), ("ef-int4", 7), ("ef-int2", 2)])
 def test_error_fed_downloads_keep_the_workers_within_half_a_step_over_50_rounds(name, qmax):
     """comm.download=ef-*: a download buffer of code bytes (exact) and 300 fp32 values, moved every round
     as a master's replicas are. After each of 50 downloads the worker's bytes equal the server's copy of

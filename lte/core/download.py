@@ -8,7 +8,7 @@ delta  the bytes of the encoded base XOR the previous download of the same forma
        end-of-run base check still compares digests). Both sides start each attempt from zeros, so
        the first download of an attempt is the whole base, deflated.
 
-ef-int8, ef-int4
+ef-int8, ef-int4, ef-int2
        error feedback (EF21-P's, Richtarik et al. 2022): the download's fp32 values (the merged
        replicas, and the base itself for workers storing it in fp32) travel as the block-int codes
        (lte.core.upload, blocks of 64 with one scale) of the gap between the new values and what
@@ -38,6 +38,16 @@ import torch
 
 from ..errors import ConfigError
 from .upload import CODECS
+
+
+def xor_deflate(after: np.ndarray, before: np.ndarray) -> bytes:
+    """The bytes that turn `before` into `after` (XOR), deflated: what did not change costs almost nothing."""
+    return zlib.compress(np.bitwise_xor(after, before).tobytes(), 1)
+
+
+def xor_inflate(before: np.ndarray, change: bytes) -> np.ndarray:
+    """`before` with xor_deflate's `change` applied: the `after` it was made from, bit for bit."""
+    return np.bitwise_xor(before, np.frombuffer(zlib.decompress(change), dtype=np.uint8))
 
 
 class Verbatim:
@@ -70,19 +80,18 @@ class DeltaStream:
     def encode(self, buf: torch.Tensor) -> torch.Tensor:
         """The server: what to send for the download `buf`."""
         current = buf.cpu().numpy()
-        change = np.bitwise_xor(current, self.previous)
+        change = xor_deflate(current, self.previous)
         self.previous = current.copy()
-        return torch.frombuffer(bytearray(zlib.compress(change.tobytes(), 1)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(change), dtype=torch.uint8)
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
         """A worker: the download that `payload` stands for."""
-        change = np.frombuffer(zlib.decompress(payload.cpu().numpy().tobytes()), dtype=np.uint8)
-        self.previous = np.bitwise_xor(self.previous, change)
+        self.previous = xor_inflate(self.previous, payload.cpu().numpy().tobytes())
         return torch.from_numpy(self.previous.copy())
 
 
 class FedBackStream:
-    """One side of the downloads of one base format under comm.download=ef-int8|ef-int4: what the
+    """One side of the downloads of one base format under comm.download=ef-int8|ef-int4|ef-int2: what the
     workers hold (`previous`, the same bytes on both sides), and the step from one download to the
     next. `values`: the (byte offset, count) of each fp32 run of the buffer sent through the codec."""
 
@@ -110,7 +119,7 @@ class FedBackStream:
             payload = self._exact(np.zeros_like(target), target)
             self.previous, self.resync = target.copy(), False
             return payload
-        rest = zlib.compress(np.bitwise_xor(current[self.mask], self.previous[self.mask]).tobytes(), 1)
+        rest = xor_deflate(current[self.mask], self.previous[self.mask])
         held = torch.from_numpy(self.previous[~self.mask].copy()).view(torch.float32)
         gap = torch.from_numpy(current[~self.mask].copy()).view(torch.float32) - held
         coded = self.codec.encode(gap.reshape(1, -1))
@@ -122,26 +131,24 @@ class FedBackStream:
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
         data = payload.cpu().numpy().tobytes()
         if data[0] == self.EXACT:
-            change = np.frombuffer(zlib.decompress(data[1:]), dtype=np.uint8)
-            self.previous = np.bitwise_xor(np.zeros_like(change) if self.previous is None else self.previous, change)
+            before = np.zeros(self.mask.size, dtype=np.uint8) if self.previous is None else self.previous
+            self.previous = xor_inflate(before, data[1:])
         else:
             self._apply(data)
         return torch.from_numpy(self.previous.copy())
 
     def _exact(self, before: np.ndarray, after: np.ndarray) -> torch.Tensor:
-        change = zlib.compress(np.bitwise_xor(after, before).tobytes(), 1)
-        return torch.frombuffer(bytearray(bytes([self.EXACT]) + change), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(bytes([self.EXACT]) + xor_deflate(after, before)), dtype=torch.uint8)
 
     def _apply(self, data: bytes) -> None:
         """A fed-back payload into `previous`: the same operations on both sides, so the same bits."""
         n = int.from_bytes(data[1:9], "little")
-        rest = np.frombuffer(zlib.decompress(data[9:9 + n]), dtype=np.uint8)
         at, coded = 9 + n, {}
         for name, shape, dtype, size in self.parts:
             coded[name] = torch.frombuffer(bytearray(data[at:at + size]), dtype=torch.uint8).view(dtype).view(shape)
             at += size
         previous = self.previous.copy()
-        previous[self.mask] = np.bitwise_xor(previous[self.mask], rest)
+        previous[self.mask] = xor_inflate(previous[self.mask], data[9:9 + n])
         held = torch.from_numpy(previous[~self.mask].copy()).view(torch.float32)
         held += self.codec.decode(coded, (1, self.count)).reshape(-1)
         previous[~self.mask] = held.view(torch.uint8).numpy()
@@ -195,8 +202,8 @@ class FedBackDownload(Download):
         return f"downloads with error feedback ({self.codec.name} values, the rest as deltas)"
 
 
-DOWNLOADS: dict[str, Download] = {d.name: d for d in (Download(), DeltaDownload(), FedBackDownload(CODECS["int8"]),
-                                                      FedBackDownload(CODECS["int4"]))}
+DOWNLOADS: dict[str, Download] = {d.name: d for d in (Download(), DeltaDownload(),
+                                                      *(FedBackDownload(CODECS[c]) for c in ("int8", "int4", "int2")))}
 
 
 def get_download(name: str, key: str = "comm.download") -> Download:

@@ -203,7 +203,10 @@ PER_RANK_KEYS = ("base_dtype", "activations", *SETTINGS, "chunks")
 class DistCfg(Section):          # mode=ps, ddp and diloco
     key = "dist"
     backend: str = "auto"        # auto: nccl between GPU processes, gloo otherwise
-    timeout_s: float = 300.0     # a collective that waits longer ends the run with an error
+    # a collective that waits longer ends the run with an error; the server's wait for a round's uploads
+    # spans the workers' whole round, so this must outlast the longest round's compute (qsr rounds grow
+    # to hundreds of steps: 368 steps of the language model took over 300 s on 2 CPU cores)
+    timeout_s: float = 1800.0
     ps_device: str = "cpu"       # where the parameter server keeps the fp32 master: cpu | cuda
     sync_phases: bool = False    # barrier before each upload, so round timings separate compute from transfer
     servers: int = 1             # mode=ps: ranks 0..servers-1 each hold a slice of the master (whole tensors)
