@@ -25,8 +25,8 @@ server's message layouts for the preset's workers (lte.distributed.protocol, the
 counters count, as tests/test_dist.py checks), the first base download, then every round's upload
 and download (full downloads: the lte-* rows do not count comm.download=delta's savings). The ps-*
 runs are mode=ps for real (a server and the preset's workers: nf4 bases with delta or error-fed
-downloads, or fp32 bases with 2-bit error-fed ones) and report the bytes their counters counted. mode=diloco runs as that
-many processes and reports its own byte counters (one ring all-reduce of the model a round).
+downloads, or fp32 bases with 2-bit error-fed ones) and report the bytes their counters counted.
+mode=diloco runs as that many processes and reports its own byte counters (one ring all-reduce of the model a round).
 DDP's bytes are what its counting hook adds up for the full-rank model over as many ranks, a ring
 all-reduce of the fp32 gradient every step; full-rank training in one process gives DDP's quality
 (the same global batch and steps).
