@@ -81,7 +81,7 @@ RUNS = {  # name: overrides of the config (mode=lte unless they say otherwise)
     "lte-T10-overlap": ["lte.merge_every=10", "comm.overlap=true"],
     "lte-T50-nesterov-int4-overlap": ["lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
                                       "comm.overlap=true"],
-    # mode=ps for real, as configs/<preset>_lowcomm.yaml ships: nf4 workers, delta downloads, bytes counted
+    # mode=ps for real, as configs/digits_lowcomm.yaml ships: nf4 workers, delta downloads, bytes counted
     "ps-T50-nesterov-int4": ["mode=ps", "lte.merge_every=50", "eval.every=2", *NESTEROV, "comm.upload=int4",
                              *PS_LOWCOMM],
     "ps-T100-nesterov-int4": ["mode=ps", "lte.merge_every=100", "eval.every=1", *NESTEROV, "comm.upload=int4",
