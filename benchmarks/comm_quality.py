@@ -54,9 +54,14 @@ from lte.train.report import pyplot
 COMMON = ["train.device=cpu", "checkpoint.every=0"]  # a finished run in --work is read back, not run again
 NESTEROV = ["lte.outer=nesterov", "lte.outer_lr=1.0", "lte.outer_momentum=0.5"]
 PS_LOWCOMM = ["worker.base_dtype=nf4", "comm.download=delta"]
-QSR20 = "lte.merge_every={schedule: qsr, min: 20, max: 400}"
-QSR25 = "lte.merge_every={schedule: qsr, min: 25, max: 400}"
-QSR30 = "lte.merge_every={schedule: qsr, min: 30, max: 400}"
+
+
+def qsr(shortest: int) -> str:
+    """Rounds that grow as the learning rate falls, from `shortest` steps to at most 400."""
+    return f"lte.merge_every={{schedule: qsr, min: {shortest}, max: 400}}"
+
+
+QSR20, QSR25, QSR30 = qsr(20), qsr(25), qsr(30)
 PS_EF2 = ["worker.base_dtype=fp32", "comm.download=ef-int2"]
 RANK32 = ["lte.rank=32", "lte.alpha=256"]
 DILOCO_OUTER = ["lte.outer=nesterov", "lte.outer_lr=0.7", "lte.outer_momentum=0.9"]
