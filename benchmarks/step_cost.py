@@ -68,6 +68,7 @@ class OpCounter(TorchDispatchMode):
         self.ops: Counter = Counter()
         self.bytes: Counter = Counter()
         self.names: Counter = Counter()
+        self.bytes_by_name: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -75,7 +76,9 @@ class OpCounter(TorchDispatchMode):
             self.ops[self.phase] += 1
             self.names[func.overloadpacket.__name__] += 1
             flat = out if isinstance(out, (tuple, list)) else [out]
-            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in _tensors(flat))
+            written = sum(t.numel() * t.element_size() for t in _tensors(flat))
+            self.bytes[self.phase] += written
+            self.bytes_by_name[func.overloadpacket.__name__] += written
         return out
 
 
@@ -142,7 +145,7 @@ def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: s
             "bytes_written": sum(counter.bytes.values()), "bytes_update": counter.bytes["update"],
             "flops": flops.get_total_flops(), "activation_bytes": kept,
             "trainable_tensors": len(s.step.params), "trainable_values": sum(p.numel() for p in s.step.params),
-            "top_ops": dict(counter.names.most_common(12))}
+            "top_ops": dict(counter.names.most_common(12)), "bytes_by_op": dict(counter.bytes_by_name)}
 
 
 KERNEL = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.M)  # one generated kernel each
@@ -202,6 +205,10 @@ def extrapolate(a: dict, b: dict, batch_a: int, batch_b: int, to: int) -> dict:
     for key in ("bytes_written", "bytes_update", "flops", "activation_bytes"):
         slope = (b[key] - a[key]) / (batch_b - batch_a)
         out[key] = b[key] + slope * (to - batch_b)
+    # which ops write the bytes at batch `to` (an op's line as above), the twelve largest
+    line = {op: b["bytes_by_op"].get(op, 0) + (b["bytes_by_op"].get(op, 0) - a["bytes_by_op"].get(op, 0))
+            / (batch_b - batch_a) * (to - batch_b) for op in a["bytes_by_op"].keys() | b["bytes_by_op"].keys()}
+    out["bytes_by_op"] = dict(Counter(line).most_common(12))
     return out
 
 
