@@ -1,11 +1,14 @@
 """The step's fast path against plain computations: the LTE layer's one autograd function against the
 layer's formula in plain torch, timm's LayerNorm on the per-head LayerNorm function, the per-head
 clip and AdamW over one buffer against clip_grad_norm_per_head_ and torch's AdamW per tensor."""
+import contextlib
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lte
 from lte import core
@@ -76,6 +79,54 @@ def test_the_fused_layer_in_bf16_rounds_as_the_formula_does():
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=5e-2)  # bf16 carries 8 bits of mantissa
     assert lin.lora_A.grad.dtype == torch.float32 and lin.lora_A.grad.is_contiguous()
     assert lin.lora_B.grad.is_contiguous() and x.grad.dtype == torch.float32
+    # backward through the kept bf16 cast of the fp32 base: dx = g W + s g B A per head
+    A, B = lin.factors()
+    g3 = torch.ones(HEADS, ROWS, D_OUT)
+    want_dx = g3 @ lin.weight + lin.scale * (g3 @ B) @ A
+    torch.testing.assert_close(x.grad, want_dx.reshape(-1, D_IN).detach(), rtol=2e-2, atol=5e-2)
+    want_dB = lin.scale * g3.transpose(1, 2) @ (x.detach().view(HEADS, ROWS, D_IN) @ A.detach().transpose(1, 2))
+    torch.testing.assert_close(lin.lora_B.grad, want_dB, rtol=2e-2, atol=5e-2)
+
+
+class Casts(TorchDispatchMode):
+    """The shapes of the fp32 tensors cast to bf16 inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                and (kwargs or {}).get("dtype") == torch.bfloat16:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_forward_with_the_head_tensors_precast_casts_no_factor_and_gives_the_same_bits():
+    """core.precast: every head tensor cast by one op of the optimizer's buffer; the layers then cast
+    none of their factors, and the step's loss and every gradient are those of the layers' own casts."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    runs = []
+    for precast in (False, True):
+        model = vit()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = core.HeadOptimizer(params, lr=1e-3)
+        with torch.no_grad():
+            for _, lin in core.lte_layers(model):
+                lin.lora_B.normal_()  # B = 0 would hide a wrong B
+        factors = {tuple(lin.lora_A.shape) for _, lin in core.lte_layers(model)}
+        factors |= {tuple(lin.lora_B.shape) for _, lin in core.lte_layers(model)}
+        casts = Casts()
+        with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+            with core.precast(opt.compute_copies(torch.bfloat16)) if precast else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        factor_casts = [s for s in casts.shapes if s in factors]
+        assert len(factor_casts) == (0 if precast else 2 * len(core.lte_layers(model))), precast
+        runs.append((loss.detach(), [p.grad.clone() for p in params]))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
 def test_timm_layer_norms_take_the_per_head_function_and_match_layer_norm_per_head():

@@ -2,7 +2,8 @@
 
 In training the batch is cut into N equal contiguous slices and head h sees slice h only:
     y[slice h] = x[slice h] W^T + s * x[slice h] A_h^T B_h^T (+ bias_h)
-as one autograd function (LTEHeads): the input and factors cast once to the compute dtype, the
+as one autograd function (LTEHeads): the input and factors cast once to the compute dtype (the
+factors of every layer by one op, in a step under `precast`), the
 base product once over the whole batch and the heads' as two batched matmuls, one accumulating into
 the other in place with s as its alpha (a per-head bias written by the first), and in backward the
 heads' part of dx accumulated into the base dx in place, each factor's gradient computed in its
@@ -18,6 +19,7 @@ option from lte.memory.activations (full, lora_fa: A frozen, velora: compressed 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -134,8 +136,9 @@ class LTELinear(nn.Module):
         payload = self.payload()
         with no_autocast(x):
             frozen_bias = self.bias if self.bias_heads is None else None
-            y = lte_heads(x.reshape(-1, self.in_features), A, B, self.bias_heads, frozen_bias, self.scale,
-                          self.base, self.shape, self.activations, dtype, tuple(state), *state.values(),
+            y = lte_heads(x.reshape(-1, self.in_features), A, B, self.bias_heads, frozen_bias,
+                          precast_of((A, B, self.bias_heads), dtype), self.scale, self.base, self.shape,
+                          self.activations, dtype, tuple(state), *state.values(),
                           *(payload[k] for k in sorted(payload)))
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -172,14 +175,18 @@ class LTEPatchConv(LTELinear):
 
 class LTEHeads(torch.autograd.Function):
     """An LTE layer's training forward (see the module docstring), for x: (heads x rows) x in, A:
-    heads x r x in, B: heads x out x r; the base W decoded from its payload in forward and again in
-    backward (never kept dense); what is kept of x for A's gradient is the activation option's."""
+    heads x r x in, B: heads x out x r; `precast` holds A, B and bias_heads already in the compute
+    dtype where a step has cast them all at once (precast_of), else None each. The base W is decoded
+    from its payload: the fp32 master's cast kept for backward, any other base decoded again there
+    (a quantized one is never kept dense). What is kept of x for A's gradient is the activation
+    option's."""
 
     @staticmethod
-    def forward(x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors):
+    def forward(x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names, *tensors):
         state, payload = _split(state_names, tensors)
         n = A.shape[0]
-        xd, Ad, Bd = x.to(dtype), A.to(dtype), B.to(dtype)  # the one cast of each
+        xd = x.to(dtype)  # the one cast of each
+        Ad, Bd, bias_d = (_in_dtype(t, copy, dtype) for t, copy in zip((A, B, bias_heads), precast))
         x3 = xd.view(n, -1, xd.shape[-1])
         W = _decoded(fmt, shape, payload, dtype)
         xa = torch.bmm(x3, Ad.transpose(1, 2))
@@ -187,28 +194,32 @@ class LTEHeads(torch.autograd.Function):
             y = torch.mm(xd, W.t()) if bias is None else torch.addmm(bias.to(dtype), xd, W.t())
             y.view(n, -1, y.shape[-1]).baddbmm_(xa, Bd.transpose(1, 2), alpha=scale)
         else:  # the heads' product written with each head's bias, then the base product added in place
-            y = torch.baddbmm(bias_heads.to(dtype).unsqueeze(1), xa, Bd.transpose(1, 2), alpha=scale)
+            y = torch.baddbmm(bias_d.unsqueeze(1), xa, Bd.transpose(1, 2), alpha=scale)
             y = y.view(-1, y.shape[-1]).addmm_(xd, W.t())
         kept = option.keep_for_A(x3, state) if option.trains_A else None  # saved only if A's gradient is wanted
+        # The fp32 master's cast is kept for backward, as autocast keeps a full-rank layer's (half the
+        # master's bytes; decoding again is an op); a worker's bf16 or quantized base is decoded again
+        # instead, so that its memory stays the payload's. A W that is the payload itself is saved anyway.
+        kept_W = W if fmt.holds_master and not any(W is t for t in payload) else None
         # the casts, for backward (None where there was nothing to cast: an input is saved as itself)
-        return y, xa, kept, None if Ad is A else Ad, None if Bd is B else Bd
+        return y, xa, kept, None if Ad is A else Ad, None if Bd is B else Bd, kept_W
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         # Separate from forward so torch.compile traces it into the step's graph.
-        x, A, B, bias_heads, _, scale, fmt, shape, option, dtype, state_names, *tensors = inputs
-        _, xa, kept, Ad, Bd = output
+        x, A, B, bias_heads, _, precast, scale, fmt, shape, option, dtype, state_names, *tensors = inputs
+        _, xa, kept, Ad, Bd, W = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         Ad, Bd = A if Ad is None else Ad, B if Bd is None else Bd
         ctx.set_materialize_grads(False)  # no zeros for the outputs that are only there to be saved
         ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale = fmt, shape, option, dtype, scale
         ctx.state_names, ctx.x_dtype, ctx.factor_dtype = state_names, x.dtype, A.dtype
         ctx.has_bias_heads = bias_heads is not None
-        ctx.save_for_backward(xa, kept if ctx.needs_input_grad[1] else None, Ad, Bd, *tensors)
+        ctx.save_for_backward(xa, kept if ctx.needs_input_grad[1] else None, Ad, Bd, W, *tensors)
 
     @staticmethod
     def backward(ctx, grad, *_):
-        xa, kept, Ad, Bd, *tensors = ctx.saved_tensors  # read once (activation checkpointing)
+        xa, kept, Ad, Bd, W, *tensors = ctx.saved_tensors  # read once (activation checkpointing)
         state, payload = _split(ctx.state_names, tensors)
         dtype, s = ctx.dtype, ctx.scale
         g = grad.to(dtype)
@@ -216,7 +227,7 @@ class LTEHeads(torch.autograd.Function):
         gxa = torch.bmm(g3, Bd)                                  # heads x rows x r: d(x A^T) / s
         grad_x = grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
-            gx = torch.mm(g, _decoded(ctx.fmt, ctx.shape, payload, dtype))
+            gx = torch.mm(g, _decoded(ctx.fmt, ctx.shape, payload, dtype) if W is None else W)
             gx.view(gxa.shape[0], -1, gx.shape[-1]).baddbmm_(gxa, Ad, alpha=s)
             grad_x = gx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
@@ -225,22 +236,59 @@ class LTEHeads(torch.autograd.Function):
             grad_B = _scaled_bmm(g3.transpose(1, 2), xa, s).to(ctx.factor_dtype)
         if ctx.has_bias_heads and ctx.needs_input_grad[3]:
             grad_bias = g3.sum(1, dtype=ctx.factor_dtype)
-        return (grad_x, grad_A, grad_B, grad_bias, *[None] * (7 + len(tensors)))
+        return (grad_x, grad_A, grad_B, grad_bias, *[None] * (8 + len(tensors)))
 
 
-def lte_heads(x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors) -> torch.Tensor:
+def lte_heads(x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names,
+              *tensors) -> torch.Tensor:
     """LTEHeads' output; its forward alone where nothing needs a gradient (torch.compile 2.14 fails
     on an autograd.Function none of whose inputs requires grad)."""
-    args = (x, A, B, bias_heads, bias, scale, fmt, shape, option, dtype, state_names, *tensors)
+    args = (x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names, *tensors)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias_heads)):
         return LTEHeads.apply(*args)[0]
     return LTEHeads.forward(*args)[0]
+
+
+_PRECAST: dict[torch.Tensor, torch.Tensor] = {}  # tensor -> its copy in the compute dtype, inside `precast`
+
+
+@contextlib.contextmanager
+def precast(copies: dict[torch.Tensor, torch.Tensor]):
+    """For the length of the `with`, an LTE layer takes these tensors' copies (each a tensor's copy in
+    the compute dtype: HeadOptimizer.compute_copies casts every head tensor by one op) instead of
+    casting its factors itself, one op each, every forward. The copies are of the tensors as they
+    are on entry: nothing may write the tensors inside (a step's forward does not)."""
+    saved = dict(_PRECAST)
+    _PRECAST.clear()
+    _PRECAST.update(copies)
+    try:
+        yield
+    finally:
+        _PRECAST.clear()
+        _PRECAST.update(saved)
+
+
+def precast_of(tensors: tuple, dtype: torch.dtype) -> tuple:
+    """Each tensor's copy in dtype from the current `precast`, or None (also for a None tensor, one
+    made in this forward such as the factors with reset="none", and under torch.compile, which
+    fuses the casts itself)."""
+    if torch.compiler.is_compiling() or not _PRECAST:
+        return (None,) * len(tensors)
+    copies = (None if t is None else _PRECAST.get(t) for t in tensors)
+    return tuple(c if c is not None and c.dtype == dtype else None for c in copies)
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * (a @ b), batched, in one matmul (baddbmm with beta=0 reads nothing of its input, so any
     tensor that broadcasts to the output will do)."""
     return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
+
+
+def _in_dtype(t: torch.Tensor | None, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in the compute dtype: its precast copy where it has one."""
+    if copy is not None:
+        return copy
+    return None if t is None else t.to(dtype)
 
 
 def _split(state_names: tuple, tensors: tuple) -> tuple[dict, tuple]:

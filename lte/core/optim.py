@@ -130,6 +130,13 @@ class HeadOptimizer:
         for p, g in zip(self.params, self.grad_views):
             p.grad = g
 
+    @torch.no_grad()
+    def compute_copies(self, dtype: torch.dtype) -> dict[torch.Tensor, torch.Tensor]:
+        """Every tensor's values in dtype, by tensor, from one cast of `values`: one op a step
+        instead of one per tensor (linear.precast hands them to the LTE layers)."""
+        copy = self.values.to(dtype)
+        return {p: copy[:, start:start + width].view(p.shape) for p, (start, width) in self.views.items()}
+
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups

@@ -143,7 +143,8 @@ def _headwise_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class _HeadwiseLayerNorm(torch.autograd.Function):
     """y[h] = (x[h] - mean) * rstd * w[h] + b[h] over the last dimension, in fp32 (as autocast runs
     layer_norm); x: heads x rows x C, w and b: heads x C. The normalisation is aten's layer norm
-    (forward and backward), the per-head affine one op; backward normalises x again for w's gradient."""
+    (forward and backward), the per-head affine one op; backward normalises x again for w's gradient
+    (one layer norm, where (x - mean) * rstd would be two ops)."""
 
     @staticmethod
     def forward(x, w, b, eps):
@@ -159,7 +160,7 @@ class _HeadwiseLayerNorm(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, rstd)
         ctx.set_materialize_grads(False)  # no zeros for mean and rstd
         ctx.save_for_backward(x, w, mean, rstd)
-        ctx.has_bias = b is not None
+        ctx.has_bias, ctx.eps = b is not None, inputs[3]
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -167,7 +168,8 @@ class _HeadwiseLayerNorm(torch.autograd.Function):
         xf, g = x.float(), grad.float()
         grad_x = torch.ops.aten.native_layer_norm_backward(g * w.unsqueeze(1), xf, x.shape[-1:], mean, rstd, None,
                                                            None, [True, False, False])[0]
-        grad_w = (g * ((xf - mean) * rstd)).sum(1).to(w.dtype)
+        x_hat = torch.native_layer_norm(xf, x.shape[-1:], None, None, ctx.eps)[0]
+        grad_w = (g * x_hat).sum(1).to(w.dtype)
         grad_b = g.sum(1).to(w.dtype) if ctx.has_bias else None
         return grad_x.to(x.dtype), grad_w, grad_b, None
 

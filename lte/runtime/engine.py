@@ -85,6 +85,7 @@ class TrainStep:
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.heads, self.grad_clip, self.device, self.precision = heads, grad_clip, device, precision
         self.accum, self.micro_index = accum, 0
+        self.compiled = compile
         if compile and isinstance(optimizer, core.HeadOptimizer):
             optimizer.compile()
 
@@ -96,9 +97,16 @@ class TrainStep:
     def loss_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch, with the graph backward will run through."""
         with autocast(self.device, self.precision):
-            with self.loss_fn.forward_mode():
+            with self.loss_fn.forward_mode(), self.precast():
                 outputs = self.forward(x)
             return self.loss_fn(outputs, y)
+
+    def precast(self):
+        """Under bf16, the head tensors cast for the forward by one op (core.precast); compiled, the
+        graph fuses the casts itself."""
+        if self.precision != "bf16" or self.compiled or not isinstance(self.optimizer, core.HeadOptimizer):
+            return contextlib.nullcontext()
+        return core.precast(self.optimizer.compute_copies(torch.bfloat16))
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Every micro-batch's forward and backward; the step's mean loss."""
