@@ -257,3 +257,19 @@ def test_the_compiled_step_has_no_graph_break_and_no_new_graph_across_merges_and
     assert compiled == pytest.approx(eager, rel=1e-4)
     for a, b in zip(p_eager, p_compiled):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_the_compile_mode_reaches_both_compiled_graphs(monkeypatch):
+    """train.compile_mode: the model's forward and the heads' clip + AdamW compiled in that mode."""
+    modes = []
+
+    def compile(fn, **kw):
+        modes.append(kw.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile)
+    model = vit()
+    params = [p for p in model.parameters() if p.requires_grad]
+    TrainStep(model, TrainingLoss("classification"), params, core.HeadOptimizer(params, lr=1e-3), heads=4,
+              grad_clip=1.0, device=torch.device("cpu"), precision="fp32", compile=True, compile_mode="max-autotune")
+    assert modes == ["max-autotune", "max-autotune"]

@@ -98,6 +98,8 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     (["comm.overlap=true", "dist.sync_phases=true"], "set one of them"),
     (["dist.emulate_link_mbps=100"], "mode=lte runs in one process"),
     (["mode=ps", "dist.emulate_link_mbps=-1"], "dist.emulate_link_mbps must be >= 0"),
+    (["train.compile=true", "train.compile_mode=fastest"], "train.compile_mode must be one of"),
+    (["train.compile_mode=max-autotune"], "set train.compile=true with it"),
 ])
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys, overrides, message):
     code = main(["--config", DIGITS, f"out_dir={tmp_path}", "train.steps=2", *overrides])

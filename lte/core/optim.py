@@ -180,11 +180,11 @@ class HeadOptimizer:
                           max_norm, betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         self.zero_grad()
 
-    def compile(self) -> None:
-        """Run update's clip and step as one compiled graph (torch's functional AdamW, which compiles
-        with a tensor learning rate; its fused kernel does not)."""
+    def compile(self, mode: str = "default") -> None:
+        """Run update's clip and step as one compiled graph in torch.compile's `mode` (torch's
+        functional AdamW, which compiles with a tensor learning rate; its fused kernel does not)."""
         self.lr = torch.tensor(self.param_groups[0]["lr"], device=self.values.device)
-        self.compiled = torch.compile(_clip_and_step, fullgraph=True)
+        self.compiled = torch.compile(_clip_and_step, fullgraph=True, mode=mode)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No gradient until the next backward (which leaves its own: the next gather overwrites

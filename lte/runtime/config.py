@@ -42,11 +42,12 @@ MODES = {m.name: m for m in (Mode("lte", False, True, True), Mode("full", False,
                              Mode("diloco", True, False, True))}
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
 # Keys that may change between the attempts of one run: they change how long it runs, how it is
 # observed or where it computes, not what it computes (a prefix ending in "." covers its section).
-FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.device", "train.logits_chunk_mb",
-             "train.activation_checkpointing", "train.peak_flops",
+FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.compile_mode", "train.device",
+             "train.logits_chunk_mb", "train.activation_checkpointing", "train.peak_flops",
              "eval.", "checkpoint.",
              "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
              "dist.min_workers", "dist.emulate_link_mbps")
@@ -255,7 +256,8 @@ class TrainCfg(Section):
     min_lr_ratio: float = 0.0    # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0       # max grad norm (per head in LTE modes); 0 = off
     precision: str = "fp32"      # fp32 | bf16 (autocast)
-    compile: bool = False        # torch.compile the model
+    compile: bool = False        # torch.compile the step (forward + backward; the heads' clip + AdamW apart)
+    compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
     logits_chunk_mb: float = 64.0  # language models: fp32 logits one chunk of the loss may hold; 0 = all at once
     device: str = "auto"         # auto | cpu | cuda
     log_every: int = 10          # steps between progress lines / metrics.jsonl rows
@@ -276,6 +278,11 @@ class TrainCfg(Section):
         self.at_least("grad_clip", 0, "must be >= 0 (0 turns clipping off)")
         require(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}", self.precision)
         require(self.device in DEVICES, "train.device", f"must be one of {DEVICES}", self.device)
+        require(self.compile_mode in COMPILE_MODES, "train.compile_mode", f"must be one of {COMPILE_MODES}",
+                self.compile_mode)
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode={self.compile_mode} is a mode of torch.compile: "
+                              "set train.compile=true with it")
         self.at_least("log_every", 1)
         self.at_least("logits_chunk_mb", 0, "must be >= 0 (0: no chunks)")
         require(self.schedule in SCHEDULES, "train.schedule", f"must be one of {tuple(SCHEDULES)}", self.schedule)

@@ -73,21 +73,23 @@ class TrainStep:
     """One optimizer step: forward and loss, backward, the clip (per head with heads > 1: with one
     head, per-head and global clipping are the same thing), the optimizer's step at the step's
     learning rate, and the gradients zeroed. `compile` (train.compile): the forward and backward
-    compiled, and a HeadOptimizer's clip and step compiled as a second graph.
+    compiled, and a HeadOptimizer's clip and step compiled as a second graph, both in torch.compile's
+    `compile_mode` (train.compile_mode).
 
     With `accum` micro-batches (train.grad_accum_steps) the gradient is the mean of theirs: micro-batch
     j holds every head's j-th share of its own slice, so a head still sees only its own samples, and
     a DDP model all-reduces on the last only (no_sync on the others)."""
 
     def __init__(self, forward, loss_fn: TrainingLoss, params: list[torch.Tensor], optimizer, *, heads: int,
-                 grad_clip: float, device: torch.device, precision: str, compile: bool = False, accum: int = 1):
-        self.forward = torch.compile(forward) if compile else forward
+                 grad_clip: float, device: torch.device, precision: str, compile: bool = False, accum: int = 1,
+                 compile_mode: str = "default"):
+        self.forward = torch.compile(forward, mode=compile_mode) if compile else forward
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.heads, self.grad_clip, self.device, self.precision = heads, grad_clip, device, precision
         self.accum, self.micro_index = accum, 0
         self.compiled = compile
         if compile and isinstance(optimizer, core.HeadOptimizer):
-            optimizer.compile()
+            optimizer.compile(compile_mode)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         loss = self.forward_backward(x, y)
@@ -184,7 +186,8 @@ class Engine:
         self.loss = TrainingLoss.of(data.task, self.model, t.logits_chunk_mb)
         self.step_function = TrainStep(forward, self.loss, self.params, self.optimizer,
                                        heads=1 if heads is None else len(heads), grad_clip=t.grad_clip, device=device,
-                                       precision=t.precision, compile=t.compile, accum=t.grad_accum_steps)
+                                       precision=t.precision, compile=t.compile, accum=t.grad_accum_steps,
+                                       compile_mode=t.compile_mode)
         self.step = 0
 
     def build(self, lte: core.LTEConfig | None, lean: bool) -> tuple[nn.Module, bool]:
