@@ -98,8 +98,9 @@ class Setup:
     model: torch.nn.Module
 
 
-def build(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_step: bool) -> Setup:
-    """The model, its optimizer and its step as the engine builds them (lte.runtime.engine), on random inputs."""
+def build(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_mode: str | None) -> Setup:
+    """The model, its optimizer and its step as the engine builds them (lte.runtime.engine), on random inputs;
+    compiled in torch.compile's compile_mode (None: eager)."""
     torch.manual_seed(0)
     model = create_model(spec["name"], **spec["args"]).to(device)
     heads = 1
@@ -111,7 +112,7 @@ def build(spec: dict, mode: str, batch: int, device: torch.device, precision: st
     optimizer = adamw(params, lr=1e-4, weight_decay=0.0, heads=mode == "lte")
     loss = TrainingLoss.of(spec["task"], model, 64.0)
     step = TrainStep(model, loss, params, optimizer, heads=heads, grad_clip=1.0, device=device, precision=precision,
-                     compile=compile_step)
+                     compile=compile_mode is not None, compile_mode=compile_mode or "default")
     if spec["task"] == "language_model":
         block, vocab = spec["args"]["block_size"], spec["args"].get("vocab_size", 50304)
         x = torch.randint(0, vocab, (batch, block), device=device)
@@ -125,7 +126,7 @@ def build(spec: dict, mode: str, batch: int, device: torch.device, precision: st
 
 def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
     """Ops, bytes and FLOPs of one eager step after a warm-up step, and the activations kept."""
-    s = build(spec, mode, batch, device, precision, compile_step=False)
+    s = build(spec, mode, batch, device, precision, compile_mode=None)
     s.step(s.x, s.y, 1e-4)  # warm-up: the optimizer's state exists from here on
     counter = OpCounter()
     with counter:
@@ -152,14 +153,15 @@ KERNEL = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.
 EXTERN = re.compile(r"\b(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.aten\.\w+(?:\.\w+)?)\(")
 
 
-def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
+def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, precision: str,
+                     compile_mode: str) -> dict:
     """The kernels inductor generates for the compiled step (forward, backward and update), and the
     graph breaks: fused kernels it wrote, and the library calls (GEMMs, attention) it kept."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    s = build(spec, mode, batch, device, precision, compile_step=True)
+    s = build(spec, mode, batch, device, precision, compile_mode)
     _, code = run_and_get_code(lambda: s.step(s.x, s.y, 1e-4))
     s.step(s.x, s.y, 2e-4)  # a second step at another learning rate: no new graph
     counters = torch._dynamo.utils.counters
@@ -171,9 +173,9 @@ def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, pr
             "graph_breaks": sum(counters["graph_break"].values())}
 
 
-def timing(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_step: bool,
+def timing(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_mode: str | None,
            steps: int, warmup: int) -> dict:
-    s = build(spec, mode, batch, device, precision, compile_step)
+    s = build(spec, mode, batch, device, precision, compile_mode)
     times = []
     for i in range(warmup + steps):
         sync(device)
@@ -221,11 +223,11 @@ def measure_model(name: str, spec: dict, args, device: torch.device) -> dict:
         row = {"at_batch": {str(b): v for b, v in at.items()}, "extrapolated": extrapolate(at[b1], at[b2], b1, b2, to)}
         if not args.no_compile:
             print(f"[{name}] {mode}: the compiled step's kernels", flush=True)
-            row["compiled"] = compiled_kernels(spec, mode, b1, device, args.precision)
+            row["compiled"] = compiled_kernels(spec, mode, b1, device, args.precision, args.compile_mode)
         if device.type == "cuda":
-            for compiled in (False, True):
-                row["eager" if not compiled else "compiled_timing"] = timing(
-                    spec, mode, spec["gpu_batch"], device, args.precision, compiled, args.steps, args.warmup)
+            for key, compile_mode in (("eager", None), ("compiled_timing", args.compile_mode)):
+                row[key] = timing(spec, mode, spec["gpu_batch"], device, args.precision, compile_mode, args.steps,
+                                  args.warmup)
         result[mode] = row
     return result
 
@@ -273,6 +275,8 @@ def main() -> None:
                         " (default: vit_s32,gpt_small on a CPU, vit_s32,gpt2 on a GPU)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled step's kernel count")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile's mode for the compiled step (train.compile_mode)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/step_cost.json")
@@ -283,7 +287,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"step_cost: unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
     results = [measure_model(n, MODELS[n], args, device) for n in names]
-    report = {"machine": machine(device), "precision": args.precision, "results": results}
+    report = {"machine": machine(device), "precision": args.precision, "compile_mode": args.compile_mode,
+              "results": results}
     path = write_json(args.out, report)
     text = table(results)
     path.with_suffix(".md").write_text(text + "\n")
