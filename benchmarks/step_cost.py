@@ -31,6 +31,7 @@ from common import machine, sync, write_json
 import lte
 from lte.memory.accounting import SavedTensors
 from lte.models import create_model
+from lte.runtime.config import COMPILE_MODES
 from lte.runtime.engine import TrainStep, adamw
 from lte.runtime.tasks import TrainingLoss
 
@@ -275,7 +276,7 @@ def main() -> None:
                         " (default: vit_s32,gpt_small on a CPU, vit_s32,gpt2 on a GPU)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled step's kernel count")
-    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile's mode for the compiled step (train.compile_mode)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (GPU)")
     parser.add_argument("--warmup", type=int, default=5)

@@ -155,12 +155,12 @@ class _HeadwiseLayerNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         # Separate from forward so torch.compile traces it into the step's graph.
-        x, w, b, _ = inputs
+        x, w, b, eps = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.set_materialize_grads(False)  # no zeros for mean and rstd
         ctx.save_for_backward(x, w, mean, rstd)
-        ctx.has_bias, ctx.eps = b is not None, inputs[3]
+        ctx.has_bias, ctx.eps = b is not None, eps
 
     @staticmethod
     def backward(ctx, grad, *_):
