@@ -8,9 +8,12 @@ time, eager and compiled, and the profiler's summed kernel time against the wall
     python benchmarks/step_cost.py --device cuda         # and the times (ViT-S/32 batch 1024, gpt2)
 
 Counts come from one eager step after a warm-up step, under a TorchDispatchMode (views are not
-counted; an in-place op counts its output). Ops do not depend on the batch; bytes and FLOPs grow
-with it linearly, so they are measured at two batches and extrapolated to --report-batch. Inputs
-are random: a step's cost does not depend on their values. Writes JSON and a markdown table.
+counted; an in-place op counts its output). Bytes and FLOPs grow with the batch linearly, and so do
+a language model's ops (its loss runs the logits in chunks, more of them at a larger batch), so they
+are measured at two batches and extrapolated to the report batch (other ops as measured), every
+LTE layer running its heads' product the way "auto" picks it at the report batch (LTELinear.merges:
+the choice depends on the rows a head). Inputs are random: a step's cost does not depend on their
+values. Writes JSON and a markdown table.
 """
 from __future__ import annotations
 
@@ -99,9 +102,12 @@ class Setup:
     model: torch.nn.Module
 
 
-def build(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_mode: str | None) -> Setup:
+def build(spec: dict, mode: str, batch: int, device: torch.device, precision: str, compile_mode: str | None,
+          paths_of: int | None = None) -> Setup:
     """The model, its optimizer and its step as the engine builds them (lte.runtime.engine), on random inputs;
-    compiled in torch.compile's compile_mode (None: eager)."""
+    compiled in torch.compile's compile_mode (None: eager). `paths_of`: every LTE layer runs the heads'
+    product the way "auto" would at that batch (LTELinear.merges), so that counts at a small batch
+    extrapolate to that batch's."""
     torch.manual_seed(0)
     model = create_model(spec["name"], **spec["args"]).to(device)
     heads = 1
@@ -122,12 +128,35 @@ def build(spec: dict, mode: str, batch: int, device: torch.device, precision: st
         size = spec["args"]["img_size"]
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, spec["args"]["num_classes"], (batch,), device=device)
+    if mode == "lte" and paths_of is not None:
+        fix_products(model, step, x, y, paths_of / batch)
     return Setup(step, x, y, model)
 
 
+def fix_products(model: torch.nn.Module, step: TrainStep, x: torch.Tensor, y: torch.Tensor, growth: float) -> None:
+    """Set every LTE layer's product to what "auto" picks at `growth` times this batch: its rows a head
+    grow with the batch, except a layer the step calls more than once (the language-model loss's output
+    layer, on chunks of a fixed number of rows)."""
+    rows = {}
+
+    def record(layer, args):
+        rows.setdefault(layer, []).append(args[0].numel() // layer.in_features // layer.heads)
+
+    layers = [layer for _, layer in lte.core.lte_layers(model)]
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    with torch.no_grad():
+        step.loss_of(x, y)
+    for hook in hooks:
+        hook.remove()
+    for layer, seen in rows.items():
+        at = max(seen) if len(seen) > 1 else round(seen[0] * growth)
+        layer.product = "merged" if layer.merges(at) else "factored"
+
+
 def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
-    """Ops, bytes and FLOPs of one eager step after a warm-up step, and the activations kept."""
-    s = build(spec, mode, batch, device, precision, compile_mode=None)
+    """Ops, bytes and FLOPs of one eager step after a warm-up step, and the activations kept (the LTE
+    layers on the report batch's paths)."""
+    s = build(spec, mode, batch, device, precision, compile_mode=None, paths_of=spec["report_batch"])
     s.step(s.x, s.y, 1e-4)  # warm-up: the optimizer's state exists from here on
     counter = OpCounter()
     with counter:
@@ -147,6 +176,8 @@ def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: s
             "bytes_written": sum(counter.bytes.values()), "bytes_update": counter.bytes["update"],
             "flops": flops.get_total_flops(), "activation_bytes": kept,
             "trainable_tensors": len(s.step.params), "trainable_values": sum(p.numel() for p in s.step.params),
+            "merged_layers": sum(isinstance(m, lte.core.LTELinear) and m.product == "merged"
+                                 for m in s.model.modules()),
             "top_ops": dict(counter.names.most_common(12)), "bytes_by_op": dict(counter.bytes_by_name)}
 
 
@@ -162,7 +193,7 @@ def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, pr
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    s = build(spec, mode, batch, device, precision, compile_mode)
+    s = build(spec, mode, batch, device, precision, compile_mode, paths_of=spec["report_batch"])
     _, code = run_and_get_code(lambda: s.step(s.x, s.y, 1e-4))
     s.step(s.x, s.y, 2e-4)  # a second step at another learning rate: no new graph
     counters = torch._dynamo.utils.counters
@@ -202,10 +233,13 @@ def timing(spec: dict, mode: str, batch: int, device: torch.device, precision: s
     return out
 
 
-def extrapolate(a: dict, b: dict, batch_a: int, batch_b: int, to: int) -> dict:
-    """Counts at batch `to` from two measurements, by the line through them (ops: as measured)."""
+def extrapolate(a: dict, b: dict, batch_a: int, batch_b: int, to: int, ops_grow: bool) -> dict:
+    """Counts at batch `to` from two measurements, by the line through them; ops too where they grow
+    with the batch (`ops_grow`: a language model's chunked loss runs more chunks at a larger batch),
+    else as measured at the larger batch (a head's per-sample replicas are views at one sample a
+    head, copies from two on)."""
     out = dict(b)
-    for key in ("bytes_written", "bytes_update", "flops", "activation_bytes"):
+    for key in ("ops",) * ops_grow + ("bytes_written", "bytes_update", "flops", "activation_bytes"):
         slope = (b[key] - a[key]) / (batch_b - batch_a)
         out[key] = b[key] + slope * (to - batch_b)
     # which ops write the bytes at batch `to` (an op's line as above), the twelve largest
@@ -221,7 +255,8 @@ def measure_model(name: str, spec: dict, args, device: torch.device) -> dict:
     for mode in ("full", "lte"):
         print(f"[{name}] {mode}: counts at batches {b1}, {b2}", flush=True)
         at = {b: counts(spec, mode, b, device, args.precision) for b in (b1, b2)}
-        row = {"at_batch": {str(b): v for b, v in at.items()}, "extrapolated": extrapolate(at[b1], at[b2], b1, b2, to)}
+        row = {"at_batch": {str(b): v for b, v in at.items()},
+               "extrapolated": extrapolate(at[b1], at[b2], b1, b2, to, spec["task"] == "language_model")}
         if not args.no_compile:
             print(f"[{name}] {mode}: the compiled step's kernels", flush=True)
             row["compiled"] = compiled_kernels(spec, mode, b1, device, args.precision, args.compile_mode)
@@ -250,7 +285,8 @@ def table(results: list[dict]) -> str:
                 (f"bytes written by ops, batch {to}", "bytes_written", "{:,.0f}"),
                 (f"FLOPs forward + backward, batch {to}", "flops", "{:,.0f}"),
                 (f"activations kept for backward, batch {to}", "activation_bytes", "{:,.0f}"),
-                ("trainable tensors", "trainable_tensors", "{:,}"), ("trainable values", "trainable_values", "{:,}")]
+                ("trainable tensors", "trainable_tensors", "{:,}"), ("trainable values", "trainable_values", "{:,}"),
+                (f"LTE layers on their heads' own weights at batch {to} (merged product)", "merged_layers", "{:,}")]
         for label, key, fmt in rows:
             lines.append(f"| {label} | {fmt.format(full[key])} | {fmt.format(lt[key])} | {ratio(lt[key], full[key])} |")
         if "compiled" in r["full"]:

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lte
 from lte import core
+from lte.errors import ModelError
 from lte.core import replica
 from lte.memory.activations import VELORA_KEY, compress, rebuild
 from lte.runtime.engine import TrainStep
@@ -20,10 +21,11 @@ from lte.runtime.tasks import TrainingLoss
 HEADS, RANK, D_IN, D_OUT, ROWS = 3, 4, 16, 12, 5
 
 
-def layer(activations="full", bias=True, reset="b"):
+def layer(activations="full", bias=True, reset="b", product="auto"):
     torch.manual_seed(0)
     cfg = lte.LTEConfig(heads=HEADS, rank=RANK, alpha=8, activations=activations, reset=reset, velora_subtoken=4)
     lin = core.prepare(nn.Linear(D_IN, D_OUT, bias=bias), cfg)
+    lin.product = product
     with torch.no_grad():
         lin.lora_B.normal_()
         if lin.bias_heads is not None:
@@ -45,11 +47,12 @@ def formula(lin, x):
     return y.reshape(-1, D_OUT)
 
 
+@pytest.mark.parametrize("product", ["factored", "merged"])
 @pytest.mark.parametrize("activations,bias,reset", [  # (LoRA-FA is refused with reset=none)
     (a, bias, reset) for a in ("full", "lora_fa", "velora")
     for bias, reset in ((True, "b"), (False, "b"), (True, "none")) if (a, reset) != ("lora_fa", "none")])
-def test_the_fused_layer_gives_the_formula_and_its_gradients_in_fp32(activations, bias, reset):
-    lin = layer(activations, bias, reset)
+def test_the_fused_layer_gives_the_formula_and_its_gradients_in_fp32(activations, bias, reset, product):
+    lin = layer(activations, bias, reset, product)
     x = torch.randn(HEADS * ROWS, D_IN, requires_grad=True)
     g = torch.randn(HEADS * ROWS, D_OUT)
     params = [p for p in (lin.lora_A, lin.lora_B, lin.bias_heads) if p is not None and p.requires_grad]
@@ -68,8 +71,9 @@ def test_the_fused_layer_gives_the_formula_and_its_gradients_in_fp32(activations
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
 
 
-def test_the_fused_layer_in_bf16_rounds_as_the_formula_does():
-    lin = layer("full", True)
+@pytest.mark.parametrize("product", ["factored", "merged"])
+def test_the_fused_layer_in_bf16_rounds_as_the_formula_does(product):
+    lin = layer("full", True, product=product)
     x = torch.randn(HEADS * ROWS, D_IN, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
@@ -86,6 +90,50 @@ def test_the_fused_layer_in_bf16_rounds_as_the_formula_does():
     torch.testing.assert_close(x.grad, want_dx.reshape(-1, D_IN).detach(), rtol=2e-2, atol=5e-2)
     want_dB = lin.scale * g3.transpose(1, 2) @ (x.detach().view(HEADS, ROWS, D_IN) @ A.detach().transpose(1, 2))
     torch.testing.assert_close(lin.lora_B.grad, want_dB, rtol=2e-2, atol=5e-2)
+
+
+class Writes(TorchDispatchMode):
+    """The ops run inside it (views aside) and the bytes their outputs hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            shapes = [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)]
+            self.ops.append((func.overloadpacket.__name__, shapes))
+            self.bytes += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_auto_runs_the_heads_on_their_own_weights_where_that_writes_fewer_bytes():
+    """product="auto" against what each way writes, counted: per-head weights W + s B_h A_h (built in
+    forward and again in backward) against the low-rank product (which writes the output and dx twice).
+    At 16 -> 12 the crossing is 2 * 12 * 16 / 28 = 13.7 rows a head: 13 rows stay factored, 14 merge."""
+    for rows, merges in ((13, False), (14, True)):
+        written = {}
+        for product in ("factored", "merged", "auto"):
+            lin = layer(product=product)
+            x = torch.randn(HEADS * rows, D_IN, requires_grad=True)
+            writes = Writes()
+            with writes:
+                y = lin(x)
+                y.backward(torch.ones_like(y))
+            torch.testing.assert_close(y, formula(lin, x), rtol=1e-6, atol=1e-5)
+            written[product] = writes.bytes
+            built = [op for op in writes.ops if op == ("baddbmm", [(HEADS, D_OUT, D_IN)])]
+            assert len(built) == (2 if lin.merges(rows) else 0)  # forward and backward
+        assert written["merged"] < written["factored"] if merges else written["factored"] < written["merged"]
+        assert written["auto"] == min(written["factored"], written["merged"])
+
+
+def test_an_unknown_product_is_refused_in_one_line():
+    lin = layer(product="fused")
+    with pytest.raises(ModelError, match=r"product must be one of \('auto', 'factored', 'merged'\), got 'fused'"):
+        lin(torch.randn(HEADS * ROWS, D_IN))
 
 
 class Casts(TorchDispatchMode):
@@ -127,6 +175,60 @@ def test_a_forward_with_the_head_tensors_precast_casts_no_factor_and_gives_the_s
     (loss_a, grads_a), (loss_b, grads_b) = runs
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_bf16_step_keeps_the_bases_cast_between_merges_and_casts_them_again_after_one():
+    """core.BaseCopies under TrainStep.precast: the fp32 bases are frozen between merges, so the
+    second step casts none of them; a merge writes them, and the next forward casts each again and
+    computes with the new base (the same bits as casting it there)."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model = vit()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = core.HeadOptimizer(params, lr=1e-3)
+    step = TrainStep(model, TrainingLoss("classification"), params, opt, heads=4, grad_clip=1.0,
+                     device=torch.device("cpu"), precision="bf16")
+    layers = [lin for _, lin in core.lte_layers(model)]
+    bases = {tuple(lin.weight.shape) for lin in layers}
+
+    def base_casts_of(fn):
+        casts = Casts()
+        with casts:
+            out = fn()
+        return out, [s for s in casts.shapes if s in bases]
+
+    step(x, y, 1e-3)
+    _, casts = base_casts_of(lambda: step(x, y, 1e-3))
+    assert casts == []
+    lte.merge(model, opt)
+    kept, casts = base_casts_of(lambda: step.loss_of(x, y).detach())
+    assert len(casts) == len(layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16), core.precast(opt.compute_copies(torch.bfloat16)):
+        fresh = F.cross_entropy(model(x), y)  # every base cast in this forward
+    assert torch.equal(kept, fresh.detach())
+
+
+def test_the_output_layer_the_chunked_loss_runs_takes_the_precast_copies_too():
+    """A language model's output layer runs inside the loss (chunks of positions), after the model's
+    forward, and again in backward (each chunk's logits recomputed): the step's precast covers the
+    loss and backward too, so the layer's factors and base are cast in neither."""
+    from lte.models import create_model
+
+    torch.manual_seed(0)
+    model = core.prepare(create_model("gpt", vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=32),
+                         lte.LTEConfig(heads=2, rank=4, alpha=8)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = core.HeadOptimizer(params, lr=1e-3)
+    loss = TrainingLoss.of("language_model", model, 4 * 96 * 4 * 4 / 2**20)  # 4 positions a chunk
+    step = TrainStep(model, loss, params, opt, heads=2, grad_clip=1.0, device=torch.device("cpu"),
+                     precision="bf16")
+    x, y = torch.randint(0, 96, (4, 16)), torch.randint(0, 96, (4, 16))
+    step(x, y, 1e-3)
+    head = model.lm_head
+    shapes = {tuple(head.lora_A.shape), tuple(head.lora_B.shape), tuple(head.weight.shape)}
+    casts = Casts()
+    with casts:
+        step.forward_backward(x, y)
+    assert [s for s in casts.shapes if s in shapes] == []
 
 
 def test_timm_layer_norms_take_the_per_head_function_and_match_layer_norm_per_head():

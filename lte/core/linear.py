@@ -3,10 +3,12 @@
 In training the batch is cut into N equal contiguous slices and head h sees slice h only:
     y[slice h] = x[slice h] W^T + s * x[slice h] A_h^T B_h^T (+ bias_h)
 as one autograd function (LTEHeads): the input and factors cast once to the compute dtype (the
-factors of every layer by one op, in a step under `precast`), the
-base product once over the whole batch and the heads' as two batched matmuls, one accumulating into
-the other in place with s as its alpha (a per-head bias written by the first), and in backward the
-heads' part of dx accumulated into the base dx in place, each factor's gradient computed in its
+factors of every layer by one op, and an fp32 base's cast kept between merges, in a step under
+`precast`). The product runs "factored" (the base product once over the whole batch and the
+heads' as two batched matmuls, one accumulating into the other in place with s as its alpha, a
+per-head bias written by the first; in backward the heads' part of dx accumulated into the base dx
+in place) or "merged" (each head's weight W + s B_h A_h, then one batched matmul), whichever
+writes and computes less at the batch (LTELinear.merges); each factor's gradient is computed in its
 own layout. benchmarks/lte_layer.py compares the explicit
 form with torch.func.vmap over a per-head function; the explicit form was faster (see
 docs/library.md, "How the heads run"); benchmarks/step_cost.py counts a whole step.
@@ -20,6 +22,7 @@ option from lte.memory.activations (full, lora_fa: A frozen, velora: compressed 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,8 +42,14 @@ if TYPE_CHECKING:
 CARRIED = ("lora_Ac", "lora_Bc")  # comm.overlap's carried factors (lte.core.overlap)
 
 
+PRODUCTS = ("auto", "factored", "merged")  # LTELinear.product
+
+
 class LTELinear(nn.Module):
-    """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values."""
+    """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values.
+    `product`: how the heads run in training, "factored", "merged" or by cost ("auto": merges)."""
+
+    product = "auto"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
                  scale: float, train_bias: bool, resetless: bool, carry: bool = False, base: BaseFormat | None = None,
@@ -123,6 +132,17 @@ class LTELinear(nn.Module):
             A, B = torch.cat([A, self.lora_Ac], dim=1), torch.cat([B, self.lora_Bc], dim=2)
         return A, B
 
+    def merges(self, rows: int) -> bool:
+        """Whether the heads run on their own weights W + s B_h A_h (`product` "merged") rather than
+        the base product plus the low-rank one ("factored"), at `rows` rows a head. Building the
+        weights, in forward and again in backward, writes 2 N out in values and does 4 N out in r
+        FLOPs; the low-rank product writes the output and dx a second time (N rows (out + in) values)
+        and does 2 N rows r (out + in) FLOPs more. Both favour the weights past 2 out in / (out + in)
+        rows a head ("auto"); a head on a worker has the rows its simulated twin has."""
+        if self.product != "auto":
+            return self.product == "merged"
+        return rows > 2 * self.out_features * self.in_features / (self.out_features + self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.base.linear(x, self.payload(), self.shape, self.bias)
@@ -130,14 +150,18 @@ class LTELinear(nn.Module):
         if x.shape[0] % n:
             raise BatchError(f"an LTE layer got a batch of {x.shape[0]} rows, which does not split "
                              f"into {n} equal head slices")
+        if self.product not in PRODUCTS:
+            raise ModelError(f"an LTE layer's product must be one of {PRODUCTS}, got {self.product!r}")
         A, B = self.factors()
         dtype = torch.get_autocast_dtype(x.device.type) if autocasting(x) else x.dtype
         state = self.option_state()
         payload = self.payload()
+        copies = precast_of((A, B, self.bias_heads), dtype) + (base_copy(self, dtype),)
         with no_autocast(x):
             frozen_bias = self.bias if self.bias_heads is None else None
+            merged = self.merges(x.numel() // self.in_features // n)
             y = lte_heads(x.reshape(-1, self.in_features), A, B, self.bias_heads, frozen_bias,
-                          precast_of((A, B, self.bias_heads), dtype), self.scale, self.base, self.shape,
+                          copies, self.scale, merged, self.base, self.shape,
                           self.activations, dtype, tuple(state), *state.values(),
                           *(payload[k] for k in sorted(payload)))
         return y.view(*x.shape[:-1], self.out_features)
@@ -176,21 +200,25 @@ class LTEPatchConv(LTELinear):
 class LTEHeads(torch.autograd.Function):
     """An LTE layer's training forward (see the module docstring), for x: (heads x rows) x in, A:
     heads x r x in, B: heads x out x r; `precast` holds A, B and bias_heads already in the compute
-    dtype where a step has cast them all at once (precast_of), else None each. The base W is decoded
-    from its payload: the fp32 master's cast kept for backward, any other base decoded again there
-    (a quantized one is never kept dense). What is kept of x for A's gradient is the activation
-    option's."""
+    dtype where a step has cast them all at once (precast_of), and the base W where a step keeps its
+    copy between merges (base_copy), else None each. Otherwise the base W is decoded from its payload:
+    the fp32 master's cast kept for backward, any other base decoded again there (a quantized one is
+    never kept dense). What is kept of x for A's gradient is the activation option's."""
 
     @staticmethod
-    def forward(x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names, *tensors):
+    def forward(x, A, B, bias_heads, bias, precast, scale, merged, fmt, shape, option, dtype, state_names, *tensors):
         state, payload = _split(state_names, tensors)
         n = A.shape[0]
         xd = x.to(dtype)  # the one cast of each
         Ad, Bd, bias_d = (_in_dtype(t, copy, dtype) for t, copy in zip((A, B, bias_heads), precast))
         x3 = xd.view(n, -1, xd.shape[-1])
-        W = _decoded(fmt, shape, payload, dtype)
+        W = _decoded(fmt, shape, payload, dtype) if precast[3] is None else precast[3]
         xa = torch.bmm(x3, Ad.transpose(1, 2))
-        if bias_heads is None:
+        if merged:  # every head's weight, then one batched product writing the output once
+            Wh = torch.baddbmm(W, Bd, Ad, alpha=scale).transpose(1, 2)
+            b = bias_d.unsqueeze(1) if bias_heads is not None else None if bias is None else bias.to(dtype)
+            y = (torch.bmm(x3, Wh) if b is None else torch.baddbmm(b, x3, Wh)).view(-1, Wh.shape[-1])
+        elif bias_heads is None:
             y = torch.mm(xd, W.t()) if bias is None else torch.addmm(bias.to(dtype), xd, W.t())
             y.view(n, -1, y.shape[-1]).baddbmm_(xa, Bd.transpose(1, 2), alpha=scale)
         else:  # the heads' product written with each head's bias, then the base product added in place
@@ -207,12 +235,12 @@ class LTEHeads(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         # Separate from forward so torch.compile traces it into the step's graph.
-        x, A, B, bias_heads, _, precast, scale, fmt, shape, option, dtype, state_names, *tensors = inputs
+        x, A, B, bias_heads, _, precast, scale, merged, fmt, shape, option, dtype, state_names, *tensors = inputs
         _, xa, kept, Ad, Bd, W = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         Ad, Bd = A if Ad is None else Ad, B if Bd is None else Bd
         ctx.set_materialize_grads(False)  # no zeros for the outputs that are only there to be saved
-        ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale = fmt, shape, option, dtype, scale
+        ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale, ctx.merged = fmt, shape, option, dtype, scale, merged
         ctx.state_names, ctx.x_dtype, ctx.factor_dtype = state_names, x.dtype, A.dtype
         ctx.has_bias_heads = bias_heads is not None
         ctx.save_for_backward(xa, kept if ctx.needs_input_grad[1] else None, Ad, Bd, W, *tensors)
@@ -224,11 +252,16 @@ class LTEHeads(torch.autograd.Function):
         dtype, s = ctx.dtype, ctx.scale
         g = grad.to(dtype)
         g3 = g.view(Ad.shape[0], -1, g.shape[-1])
-        gxa = torch.bmm(g3, Bd)                                  # heads x rows x r: d(x A^T) / s
+        wants_gxa = ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and not ctx.merged)
+        gxa = torch.bmm(g3, Bd) if wants_gxa else None           # heads x rows x r: d(x A^T) / s
         grad_x = grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
-            gx = torch.mm(g, _decoded(ctx.fmt, ctx.shape, payload, dtype) if W is None else W)
-            gx.view(gxa.shape[0], -1, gx.shape[-1]).baddbmm_(gxa, Ad, alpha=s)
+            W = _decoded(ctx.fmt, ctx.shape, payload, dtype) if W is None else W
+            if ctx.merged:  # the heads' weights built again rather than kept: N times the base's bytes
+                gx = torch.bmm(g3, torch.baddbmm(W, Bd, Ad, alpha=s)).view(g.shape[0], -1)
+            else:
+                gx = torch.mm(g, W)
+                gx.view(gxa.shape[0], -1, gx.shape[-1]).baddbmm_(gxa, Ad, alpha=s)
             grad_x = gx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_A = _scaled_bmm(gxa.transpose(1, 2), ctx.option.input_for_A(kept, state), s).to(ctx.factor_dtype)
@@ -236,36 +269,74 @@ class LTEHeads(torch.autograd.Function):
             grad_B = _scaled_bmm(g3.transpose(1, 2), xa, s).to(ctx.factor_dtype)
         if ctx.has_bias_heads and ctx.needs_input_grad[3]:
             grad_bias = g3.sum(1, dtype=ctx.factor_dtype)
-        return (grad_x, grad_A, grad_B, grad_bias, *[None] * (8 + len(tensors)))
+        return (grad_x, grad_A, grad_B, grad_bias, *[None] * (9 + len(tensors)))
 
 
-def lte_heads(x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names,
+def lte_heads(x, A, B, bias_heads, bias, precast, scale, merged, fmt, shape, option, dtype, state_names,
               *tensors) -> torch.Tensor:
     """LTEHeads' output; its forward alone where nothing needs a gradient (torch.compile 2.14 fails
     on an autograd.Function none of whose inputs requires grad)."""
-    args = (x, A, B, bias_heads, bias, precast, scale, fmt, shape, option, dtype, state_names, *tensors)
+    args = (x, A, B, bias_heads, bias, precast, scale, merged, fmt, shape, option, dtype, state_names, *tensors)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias_heads)):
         return LTEHeads.apply(*args)[0]
     return LTEHeads.forward(*args)[0]
 
 
 _PRECAST: dict[torch.Tensor, torch.Tensor] = {}  # tensor -> its copy in the compute dtype, inside `precast`
+_BASES: list[BaseCopies | None] = [None]  # the bases' copies, inside `precast`
 
 
 @contextlib.contextmanager
-def precast(copies: dict[torch.Tensor, torch.Tensor]):
+def precast(copies: dict[torch.Tensor, torch.Tensor], bases: BaseCopies | None = None):
     """For the length of the `with`, an LTE layer takes these tensors' copies (each a tensor's copy in
     the compute dtype: HeadOptimizer.compute_copies casts every head tensor by one op) instead of
-    casting its factors itself, one op each, every forward. The copies are of the tensors as they
-    are on entry: nothing may write the tensors inside (a step's forward does not)."""
-    saved = dict(_PRECAST)
+    casting its factors itself, one op each, every forward, and its fp32 master base's copy from
+    `bases`. The copies are of the tensors as they are on entry: nothing may write the tensors
+    inside (a step's forward does not)."""
+    saved, saved_bases = dict(_PRECAST), _BASES[0]
     _PRECAST.clear()
     _PRECAST.update(copies)
+    _BASES[0] = bases
     try:
         yield
     finally:
         _PRECAST.clear()
         _PRECAST.update(saved)
+        _BASES[0] = saved_bases
+
+
+class BaseCopies:
+    """The LTE layers' fp32 master bases in the compute dtype, each kept from step to step until its
+    master changes: the base is frozen between merges, so a step need not cast it (a full-rank
+    layer's weight changes every step, so autocast casts it every forward). A merge or a load writes
+    the master in place, which moves its version counter, and moving a layer replaces its tensors:
+    either makes the copy again. The copy is what backward keeps of the base, so it costs no memory
+    over a step that casts."""
+
+    def __init__(self):
+        self.kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (master, version, copy)
+
+    @torch.no_grad()
+    def of(self, layer: LTELinear, dtype: torch.dtype) -> torch.Tensor:
+        master = layer.weight
+        kept = self.kept.get(layer)
+        # torch's version counter: every in-place write to the tensor moves it
+        if kept is None or kept[0] is not master or kept[1] != master._version or kept[2].dtype != dtype:
+            kept = self.kept[layer] = (master, master._version, layer.dense_weight(dtype))
+        return kept[2]
+
+
+def base_copy(layer: LTELinear, dtype: torch.dtype) -> torch.Tensor | None:
+    """The layer's base in dtype from the current `precast`'s BaseCopies, or None (a base that is not
+    an fp32 master, one already in dtype, outside a `precast` with bases, and under torch.compile)."""
+    if _BASES[0] is None or torch.compiler.is_compiling() or not layer.base.holds_master or dtype == torch.float32:
+        return None
+    return _BASES[0].of(layer, dtype)
+
+
+def precasting() -> bool:
+    """Whether a `precast` is in force."""
+    return bool(_PRECAST) or _BASES[0] is not None
 
 
 def precast_of(tensors: tuple, dtype: torch.dtype) -> tuple:

@@ -88,6 +88,7 @@ class TrainStep:
         self.heads, self.grad_clip, self.device, self.precision = heads, grad_clip, device, precision
         self.accum, self.micro_index = accum, 0
         self.compiled = compile
+        self.bases = core.BaseCopies()  # the LTE layers' bases in bf16, kept between merges
         if compile and isinstance(optimizer, core.HeadOptimizer):
             optimizer.compile(compile_mode)
 
@@ -98,20 +99,28 @@ class TrainStep:
 
     def loss_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch, with the graph backward will run through."""
-        with autocast(self.device, self.precision):
-            with self.loss_fn.forward_mode(), self.precast():
+        with autocast(self.device, self.precision), self.precast():  # the loss may run the output layer
+            with self.loss_fn.forward_mode():
                 outputs = self.forward(x)
             return self.loss_fn(outputs, y)
 
     def precast(self):
-        """Under bf16, the head tensors cast for the forward by one op (core.precast); compiled, the
-        graph fuses the casts itself."""
-        if self.precision != "bf16" or self.compiled or not isinstance(self.optimizer, core.HeadOptimizer):
+        """Under bf16, the head tensors cast for the forward by one op and the fp32 bases' casts kept
+        between merges (core.precast); compiled, the graph fuses the casts itself. Inside a precast
+        already (the step's), nothing more: the tensors do not change before the optimizer's step."""
+        if self.precision != "bf16" or self.compiled or not isinstance(self.optimizer, core.HeadOptimizer) \
+                or core.precasting():
             return contextlib.nullcontext()
-        return core.precast(self.optimizer.compute_copies(torch.bfloat16))
+        return core.precast(self.optimizer.compute_copies(torch.bfloat16), self.bases)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Every micro-batch's forward and backward; the step's mean loss."""
+        """Every micro-batch's forward and backward; the step's mean loss. One precast covers them all,
+        backward included, where recomputed activations (checkpointed blocks, the chunked loss's
+        logits) run the layers again."""
+        with self.precast():
+            return self._forward_backward(x, y)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = None
         for j in range(self.accum):
             self.micro_index = j
