@@ -1,7 +1,8 @@
 """What one training step costs, full-rank against simulated LTE heads, counted rather than timed
 (so a CPU can settle most of it): aten ops (the whole step, and the update apart: clipping, the
 optimizer, zeroing the gradients), bytes written by those ops, FLOPs, the kernels of the compiled
-step (inductor's generated code) and the activation memory autograd keeps; on a GPU also the step
+step (inductor's generated code) with the bytes its kernels read and write (inductor's estimate, per
+graph node: a fused kernel or a library call) and the activation memory autograd keeps; on a GPU also the step
 time, eager and compiled, and the profiler's summed kernel time against the wall time.
 
     python benchmarks/step_cost.py                       # ViT-S/32 and a small GPT on this CPU
@@ -10,7 +11,8 @@ time, eager and compiled, and the profiler's summed kernel time against the wall
 Counts come from one eager step after a warm-up step, under a TorchDispatchMode (views are not
 counted; an in-place op counts its output). Bytes and FLOPs grow with the batch linearly, and so do
 a language model's ops (its loss runs the logits in chunks, more of them at a larger batch), so they
-are measured at two batches and extrapolated to the report batch (other ops as measured), every
+are measured at two batches and extrapolated to the report batch (other ops as measured; the
+compiled step's bytes likewise, its kernels as compiled at the smaller batch), every
 LTE layer running its heads' product the way "auto" picks it at the report batch (LTELinear.merges:
 the choice depends on the rows a head). Inputs are random: a step's cost does not depend on their
 values. Writes JSON and a markdown table.
@@ -18,6 +20,7 @@ values. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import sys
@@ -185,22 +188,40 @@ KERNEL = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.
 EXTERN = re.compile(r"\b(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.aten\.\w+(?:\.\w+)?)\(")
 
 
+# inductor sums its estimate of each graph's bytes (torch._inductor.metrics) only while this logger is on
+INDUCTOR_METRICS_LOG = "torch._inductor.compile_fx.__inductor_metrics"
+
+
 def compiled_kernels(spec: dict, mode: str, batch: int, device: torch.device, precision: str,
                      compile_mode: str) -> dict:
     """The kernels inductor generates for the compiled step (forward, backward and update), and the
-    graph breaks: fused kernels it wrote, and the library calls (GEMMs, attention) it kept."""
+    graph breaks: fused kernels it wrote, and the library calls (GEMMs, attention) it kept; and the
+    bytes they read and write, as inductor estimates them (every buffer a node reads or writes, once)."""
+    from torch._inductor import metrics
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     s = build(spec, mode, batch, device, precision, compile_mode, paths_of=spec["report_batch"])
-    _, code = run_and_get_code(lambda: s.step(s.x, s.y, 1e-4))
+    log = logging.getLogger(INDUCTOR_METRICS_LOG)
+    level, quiet = log.level, logging.NullHandler()
+    log.setLevel(logging.INFO)
+    log.addHandler(quiet)  # its records are per-node lists: counted, not printed
+    metrics.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph is not measured again
+            _, code = run_and_get_code(lambda: s.step(s.x, s.y, 1e-4))
+    finally:
+        log.setLevel(level)
+        log.removeHandler(quiet)
+    bytes_accessed = metrics.num_bytes_accessed
     s.step(s.x, s.y, 2e-4)  # a second step at another learning rate: no new graph
     counters = torch._dynamo.utils.counters
     fused = sum(len(KERNEL.findall(c)) for c in code)
     calls = Counter(m for c in code for m in EXTERN.findall(c) if "empty" not in m and "reinterpret" not in m)
     return {"graphs": len(code), "fused_kernels": fused, "library_calls": sum(calls.values()),
             "kernels": fused + sum(calls.values()), "calls": dict(calls.most_common(8)),
+            "bytes_accessed": bytes_accessed,
             "unique_graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}
 
@@ -258,8 +279,16 @@ def measure_model(name: str, spec: dict, args, device: torch.device) -> dict:
         row = {"at_batch": {str(b): v for b, v in at.items()},
                "extrapolated": extrapolate(at[b1], at[b2], b1, b2, to, spec["task"] == "language_model")}
         if not args.no_compile:
-            print(f"[{name}] {mode}: the compiled step's kernels", flush=True)
-            row["compiled"] = compiled_kernels(spec, mode, b1, device, args.precision, args.compile_mode)
+            # its bytes need a second compile, at b2: on a GPU the timings' compiles have the time
+            at_batches = (b1, b2) if device.type == "cpu" else (b1,)
+            print(f"[{name}] {mode}: the compiled step at batch {', '.join(map(str, at_batches))}", flush=True)
+            c = [compiled_kernels(spec, mode, b, device, args.precision, args.compile_mode) for b in at_batches]
+            row["compiled"] = {k: v for k, v in c[0].items() if k != "bytes_accessed"}
+            if len(c) == 2:
+                by_batch = [x["bytes_accessed"] for x in c]
+                slope = (by_batch[1] - by_batch[0]) / (b2 - b1)
+                row["compiled"].update(bytes_accessed_at_batch=dict(zip(map(str, at_batches), by_batch)),
+                                       bytes_accessed=by_batch[1] + slope * (to - b2))
         if device.type == "cuda":
             for key, compile_mode in (("eager", None), ("compiled_timing", args.compile_mode)):
                 row[key] = timing(spec, mode, spec["gpu_batch"], device, args.precision, compile_mode, args.steps,
@@ -294,6 +323,10 @@ def table(results: list[dict]) -> str:
             lines.append(f"| compiled step's kernels (fused + library calls) | {f['fused_kernels']} + "
                          f"{f['library_calls']} | {lc['fused_kernels']} + {lc['library_calls']} | "
                          f"{ratio(lc['kernels'], f['kernels'])} |")
+            if "bytes_accessed" in f:
+                lines.append(f"| compiled step's bytes read + written (inductor's estimate), batch {to} | "
+                             f"{f['bytes_accessed']:,.0f} | {lc['bytes_accessed']:,.0f} | "
+                             f"{ratio(lc['bytes_accessed'], f['bytes_accessed'])} |")
             lines.append(f"| compiled graphs / graph breaks | {f['graphs']} / {f['graph_breaks']} | "
                          f"{lc['graphs']} / {lc['graph_breaks']} | |")
         for key, label in (("eager", "eager"), ("compiled_timing", "compiled")):

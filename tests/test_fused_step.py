@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lte
 from lte import core
-from lte.errors import ModelError
+from lte.errors import ConfigError, ModelError
 from lte.core import replica
 from lte.memory.activations import VELORA_KEY, compress, rebuild
 from lte.runtime.engine import TrainStep
@@ -23,9 +23,9 @@ HEADS, RANK, D_IN, D_OUT, ROWS = 3, 4, 16, 12, 5
 
 def layer(activations="full", bias=True, reset="b", product="auto"):
     torch.manual_seed(0)
-    cfg = lte.LTEConfig(heads=HEADS, rank=RANK, alpha=8, activations=activations, reset=reset, velora_subtoken=4)
+    cfg = lte.LTEConfig(heads=HEADS, rank=RANK, alpha=8, activations=activations, reset=reset, velora_subtoken=4,
+                        product=product)
     lin = core.prepare(nn.Linear(D_IN, D_OUT, bias=bias), cfg)
-    lin.product = product
     with torch.no_grad():
         lin.lora_B.normal_()
         if lin.bias_heads is not None:
@@ -130,10 +130,14 @@ def test_auto_runs_the_heads_on_their_own_weights_where_that_writes_fewer_bytes(
         assert written["auto"] == min(written["factored"], written["merged"])
 
 
-def test_an_unknown_product_is_refused_in_one_line():
-    lin = layer(product="fused")
-    with pytest.raises(ModelError, match=r"product must be one of \('auto', 'factored', 'merged'\), got 'fused'"):
-        lin(torch.randn(HEADS * ROWS, D_IN))
+def test_an_unknown_product_is_refused_in_one_line_where_it_is_set():
+    choices = r"must be one of \('auto', 'factored', 'merged'\), got 'fused'"
+    with pytest.raises(ConfigError, match=r"^LTEConfig.product " + choices + "$"):
+        lte.LTEConfig(heads=HEADS, product="fused")
+    lin = layer()
+    with pytest.raises(ModelError, match=r"^an LTE layer's product " + choices + "$"):
+        lin.product = "fused"
+    assert lin.product == "auto"
 
 
 class Casts(TorchDispatchMode):

@@ -9,7 +9,7 @@ import pytest
 from helpers import DIGITS, assert_same_weights, final, metrics, run_command, small, summary, train_command
 from lte.train.cli import main
 from lte.runtime.config import load_config
-from lte.runtime.rundir import RunDir
+from lte.runtime.rundir import RunDir, first_difference
 
 SMALL = small("train.log_every=5", "lte.merge_every=5", "eval.batches=2", "eval.batch_size=64")
 
@@ -116,6 +116,17 @@ def test_one_run_per_out_dir(tmp_path, capsys):
     code, out = run_command(cli(tmp_path, "mode=lte", "train.steps=5", nproc=2))
     assert code != 0 and "mode=lte runs in one process" in out and "Traceback" not in out, out
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_resumes_under_another_product_or_from_before_the_key_existed():
+    """lte.product changes the rounding only, so a run may resume under another one, and a checkpoint
+    written before the key existed still matches."""
+    ours = load_config(DIGITS, ["lte.product=factored"]).to_dict()
+    older = load_config(DIGITS, []).to_dict()
+    del older["lte"]["product"]
+    assert first_difference(older, ours) is None
+    older["lte"]["rank"] = 4
+    assert first_difference(older, ours) == ("lte.rank", 4, 8)
 
 
 def test_another_configuration_is_refused_or_moved_aside_when_asked(tmp_path, capsys):

@@ -79,6 +79,7 @@ def test_checkpoint_of_a_different_model_is_refused(tmp_path, capsys):
     (["train.steps=0"], "train.steps must be >= 1"),
     (["lte.rank=0"], "lte.rank must be an integer >= 1"),
     (["lte.reset=sometimes"], "lte.reset must be one of"),
+    (["lte.product=fused"], "lte.product must be one of ('auto', 'factored', 'merged'), got 'fused'"),
     (["mode=warp"], "mode must be one of"),
     (["train.batch_size=30"], "does not split into lte.heads=4"),
     (["model.name=conv_only"], "has no nn.Linear"),

@@ -11,6 +11,7 @@ from ..memory import FORMATS, SETTINGS, Activations, BaseFormat, check_reset, ge
 RESETS = ("b", "none", "ab")
 OTHER_PARAMS = ("replica", "frozen", "replica_all")
 EMBEDDINGS = ("replica", "lte")
+PRODUCTS = ("auto", "factored", "merged")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class LTEConfig:
     embeddings:   an nn.Embedding (a token embedding) as "replica" (a trained copy of the whole table
                   per head, as other_params says) or "lte": an LTE layer, low-rank heads on a frozen
                   base table like every linear layer's (its lookup W[idx] + s (B A)^T[idx]).
+    product:      how a layer's heads run in training: "factored" (the base product, then the heads'
+                  low-rank products added), "merged" (each head's weight W + s B_h A_h, then one batched
+                  product) or "auto" (the default: whichever writes and computes less at the batch's
+                  rows a head, LTELinear.merges). The same values either way, up to rounding.
     seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the
                   same head is initialised the same wherever it runs.
 
@@ -63,6 +68,7 @@ class LTEConfig:
     other_params: str = "replica"
     patch_conv: bool = True
     embeddings: str = "replica"
+    product: str = "auto"
     seed: int = 0
     base: str = "fp32"
     activations: str = "full"
@@ -81,7 +87,7 @@ class LTEConfig:
                 or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"{key('alpha')} must be a finite number > 0, got {self.alpha!r}")
         for name, choices in (("reset", RESETS), ("other_params", OTHER_PARAMS), ("embeddings", EMBEDDINGS),
-                              ("base", tuple(FORMATS))):
+                              ("product", PRODUCTS), ("base", tuple(FORMATS))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{key(name)} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("patch_conv", "overlap"):

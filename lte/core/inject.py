@@ -112,7 +112,7 @@ def prepare(model: nn.Module, cfg: LTEConfig, *, first_head: int = 0) -> nn.Modu
 def _swap_layers(model: nn.Module, spec: MergeSpec, cfg: LTEConfig, first_head: int, **layer_kw) -> nn.Module:
     """Every planned layer replaced by an LTE layer; the root (the new layer if the model was one)."""
     layer_kw.update(heads=cfg.heads, rank=cfg.rank, scale=cfg.scale, train_bias=cfg.other_params != "frozen",
-                    resetless=cfg.reset == "none", carry=cfg.overlap)
+                    resetless=cfg.reset == "none", carry=cfg.overlap, product=cfg.product)
     root = model
     for path in spec.layers:
         old = model.get_submodule(path)

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import BatchError, ModelError
 from ..memory import Activations, BaseFormat, get_activations, get_format
 from ..memory.base_formats import autocasting, no_autocast
+from .config import PRODUCTS
 
 if TYPE_CHECKING:
     from .config import LTEConfig
@@ -42,19 +43,15 @@ if TYPE_CHECKING:
 CARRIED = ("lora_Ac", "lora_Bc")  # comm.overlap's carried factors (lte.core.overlap)
 
 
-PRODUCTS = ("auto", "factored", "merged")  # LTELinear.product
-
-
 class LTELinear(nn.Module):
     """Replaces an nn.Linear; `weight` and `bias` keep their names and hold the merged values.
     `product`: how the heads run in training, "factored", "merged" or by cost ("auto": merges)."""
 
-    product = "auto"
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, heads: int, rank: int,
                  scale: float, train_bias: bool, resetless: bool, carry: bool = False, base: BaseFormat | None = None,
-                 activations: Activations | None = None, transposed: bool = False):
+                 activations: Activations | None = None, transposed: bool = False, product: str = "auto"):
         super().__init__()
+        self.product = product
         out_features, in_features = weight.shape  # the out x in matrix, whatever the original layout
         self.in_features, self.out_features = in_features, out_features
         self.transposed = transposed  # the original module stores in x out (transformers' Conv1D)
@@ -132,6 +129,16 @@ class LTELinear(nn.Module):
             A, B = torch.cat([A, self.lora_Ac], dim=1), torch.cat([B, self.lora_Bc], dim=2)
         return A, B
 
+    @property
+    def product(self) -> str:
+        return self._product
+
+    @product.setter
+    def product(self, value: str) -> None:  # checked where it is set, not every forward
+        if value not in PRODUCTS:
+            raise ModelError(f"an LTE layer's product must be one of {PRODUCTS}, got {value!r}")
+        self._product = value
+
     def merges(self, rows: int) -> bool:
         """Whether the heads run on their own weights W + s B_h A_h (`product` "merged") rather than
         the base product plus the low-rank one ("factored"), at `rows` rows a head. Building the
@@ -150,8 +157,6 @@ class LTELinear(nn.Module):
         if x.shape[0] % n:
             raise BatchError(f"an LTE layer got a batch of {x.shape[0]} rows, which does not split "
                              f"into {n} equal head slices")
-        if self.product not in PRODUCTS:
-            raise ModelError(f"an LTE layer's product must be one of {PRODUCTS}, got {self.product!r}")
         A, B = self.factors()
         dtype = torch.get_autocast_dtype(x.device.type) if autocasting(x) else x.dtype
         state = self.option_state()
@@ -282,8 +287,14 @@ def lte_heads(x, A, B, bias_heads, bias, precast, scale, merged, fmt, shape, opt
     return LTEHeads.forward(*args)[0]
 
 
-_PRECAST: dict[torch.Tensor, torch.Tensor] = {}  # tensor -> its copy in the compute dtype, inside `precast`
-_BASES: list[BaseCopies | None] = [None]  # the bases' copies, inside `precast`
+@dataclass(frozen=True)
+class _Precast:
+    """What a `precast` hands the LTE layers."""
+    copies: dict[torch.Tensor, torch.Tensor]  # tensor -> its copy in the compute dtype
+    bases: BaseCopies | None
+
+
+_IN_FORCE: list[_Precast] = []  # the precasts entered, innermost last
 
 
 @contextlib.contextmanager
@@ -292,17 +303,12 @@ def precast(copies: dict[torch.Tensor, torch.Tensor], bases: BaseCopies | None =
     the compute dtype: HeadOptimizer.compute_copies casts every head tensor by one op) instead of
     casting its factors itself, one op each, every forward, and its fp32 master base's copy from
     `bases`. The copies are of the tensors as they are on entry: nothing may write the tensors
-    inside (a step's forward does not)."""
-    saved, saved_bases = dict(_PRECAST), _BASES[0]
-    _PRECAST.clear()
-    _PRECAST.update(copies)
-    _BASES[0] = bases
+    inside (a step's forward does not). An inner precast stands in for the outer one until it ends."""
+    _IN_FORCE.append(_Precast(copies, bases))
     try:
         yield
     finally:
-        _PRECAST.clear()
-        _PRECAST.update(saved)
-        _BASES[0] = saved_bases
+        _IN_FORCE.pop()
 
 
 class BaseCopies:
@@ -329,23 +335,25 @@ class BaseCopies:
 def base_copy(layer: LTELinear, dtype: torch.dtype) -> torch.Tensor | None:
     """The layer's base in dtype from the current `precast`'s BaseCopies, or None (a base that is not
     an fp32 master, one already in dtype, outside a `precast` with bases, and under torch.compile)."""
-    if _BASES[0] is None or torch.compiler.is_compiling() or not layer.base.holds_master or dtype == torch.float32:
+    if torch.compiler.is_compiling() or not _IN_FORCE or _IN_FORCE[-1].bases is None \
+            or not layer.base.holds_master or dtype == torch.float32:
         return None
-    return _BASES[0].of(layer, dtype)
+    return _IN_FORCE[-1].bases.of(layer, dtype)
 
 
 def precasting() -> bool:
     """Whether a `precast` is in force."""
-    return bool(_PRECAST) or _BASES[0] is not None
+    return bool(_IN_FORCE)
 
 
 def precast_of(tensors: tuple, dtype: torch.dtype) -> tuple:
     """Each tensor's copy in dtype from the current `precast`, or None (also for a None tensor, one
     made in this forward such as the factors with reset="none", and under torch.compile, which
     fuses the casts itself)."""
-    if torch.compiler.is_compiling() or not _PRECAST:
+    if torch.compiler.is_compiling() or not _IN_FORCE:
         return (None,) * len(tensors)
-    copies = (None if t is None else _PRECAST.get(t) for t in tensors)
+    kept = _IN_FORCE[-1].copies
+    copies = (None if t is None else kept.get(t) for t in tensors)
     return tuple(c if c is not None and c.dtype == dtype else None for c in copies)
 
 

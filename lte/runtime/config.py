@@ -47,7 +47,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile'
 # Keys that may change between the attempts of one run: they change how long it runs, how it is
 # observed or where it computes, not what it computes (a prefix ending in "." covers its section).
 FREE_KEYS = ("out_dir", "train.steps", "train.log_every", "train.compile", "train.compile_mode", "train.device",
-             "train.logits_chunk_mb", "train.activation_checkpointing", "train.peak_flops",
+             "train.logits_chunk_mb", "train.activation_checkpointing", "train.peak_flops", "lte.product",
              "eval.", "checkpoint.",
              "log.", "dist.timeout_s", "dist.sync_phases", "dist.backend", "dist.ps_device", "dist.round_deadline_s",
              "dist.min_workers", "dist.emulate_link_mbps")
@@ -99,6 +99,7 @@ class LTECfg(Section):
     reset: str = "b"             # b | none | ab (see lte.LTEConfig)
     other_params: str = "replica"
     embeddings: str = "replica"  # token embeddings: replica (a trained copy per head) | lte (an LTE layer)
+    product: str = "auto"        # how the heads run: auto | factored | merged (see lte.LTEConfig)
     lr: typing.Optional[float] = None   # heads' learning rate; null = train.lr (the paper uses ~0.1x)
     outer: str = "none"          # the merge as an outer step: none | sgd | nesterov (lte.OuterOptimizer)
     outer_lr: float = 1.0
@@ -453,12 +454,12 @@ class Config:
         keys = self.worker_keys(rank)
         names = {"seed": "seed", "overlap": "comm.overlap", "base": keys("base_dtype"),
                  "activations": keys("activations"), "heads": "lte.heads" if rank is None else "worker.heads",
-                 **{k: f"lte.{k}" for k in ("rank", "alpha", "reset", "other_params", "embeddings")},
+                 **{k: f"lte.{k}" for k in ("rank", "alpha", "reset", "other_params", "embeddings", "product")},
                  **{k: keys(k) for k in SETTINGS}}
         lt = self.lte
         return LTEConfig(heads=heads, rank=lt.rank, alpha=lt.alpha, reset=lt.reset, other_params=lt.other_params,
-                         embeddings=lt.embeddings, seed=self.seed, base=base, activations=options.activations,
-                         overlap=self.comm.overlap, **options.settings, names=names)
+                         embeddings=lt.embeddings, product=lt.product, seed=self.seed, base=base,
+                         activations=options.activations, overlap=self.comm.overlap, **options.settings, names=names)
 
     def worker_options(self, rank: int | None = None) -> WorkerCfg:
         """worker.* for one worker: its worker.per_rank overrides applied (rank None: worker.* itself)."""
