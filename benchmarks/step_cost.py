@@ -137,23 +137,23 @@ def build(spec: dict, mode: str, batch: int, device: torch.device, precision: st
 
 
 def fix_products(model: torch.nn.Module, step: TrainStep, x: torch.Tensor, y: torch.Tensor, growth: float) -> None:
-    """Set every LTE layer's product to what "auto" picks at `growth` times this batch: its rows a head
-    grow with the batch, except a layer the step calls more than once (the language-model loss's output
-    layer, on chunks of a fixed number of rows)."""
+    """Fix every LTE layer's products, forward and backward, to what "auto" picks at `growth` times this
+    batch (LTELinear.merges, answered as at those rows a head whatever the batch): its rows a head
+    grow with the batch, except a layer the step runs more than once (the language-model loss's output
+    layer, on chunks of a fixed number of rows). The rows are those each layer's forward asks
+    `merges` about (a pre-hook would also see the loss holding the output layer back)."""
     rows = {}
-
-    def record(layer, args):
-        rows.setdefault(layer, []).append(args[0].numel() // layer.in_features // layer.heads)
-
     layers = [layer for _, layer in lte.core.lte_layers(model)]
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    for layer in layers:
+        layer.merges = lambda n, layer=layer, decide=layer.merges: rows.setdefault(layer, []).append(n) or decide(n)
     with torch.no_grad():
         step.loss_of(x, y)
-    for hook in hooks:
-        hook.remove()
+    for layer in layers:
+        del layer.merges
     for layer, seen in rows.items():
         at = max(seen) if len(seen) > 1 else round(seen[0] * growth)
-        layer.product = "merged" if layer.merges(at) else "factored"
+        decided = layer.merges(at)
+        layer.merges = lambda n, decided=decided: decided  # as at `at` rows a head, whatever the batch
 
 
 def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: str) -> dict:
@@ -179,8 +179,8 @@ def counts(spec: dict, mode: str, batch: int, device: torch.device, precision: s
             "bytes_written": sum(counter.bytes.values()), "bytes_update": counter.bytes["update"],
             "flops": flops.get_total_flops(), "activation_bytes": kept,
             "trainable_tensors": len(s.step.params), "trainable_values": sum(p.numel() for p in s.step.params),
-            "merged_layers": sum(isinstance(m, lte.core.LTELinear) and m.product == "merged"
-                                 for m in s.model.modules()),
+            "merged_layers": [sum(m.merges(0)[d] for _, m in lte.core.lte_layers(s.model)) for d in (0, 1)]
+            if mode == "lte" else [0, 0],
             "top_ops": dict(counter.names.most_common(12)), "bytes_by_op": dict(counter.bytes_by_name)}
 
 
@@ -298,7 +298,7 @@ def measure_model(name: str, spec: dict, args, device: torch.device) -> dict:
 
 
 def ratio(lte_value, full_value) -> str:
-    return f"{lte_value / full_value:.2f}x" if full_value else "-"
+    return f"{lte_value / full_value:.2f}x" if full_value and not isinstance(full_value, list) else "-"
 
 
 def table(results: list[dict]) -> str:
@@ -315,7 +315,8 @@ def table(results: list[dict]) -> str:
                 (f"FLOPs forward + backward, batch {to}", "flops", "{:,.0f}"),
                 (f"activations kept for backward, batch {to}", "activation_bytes", "{:,.0f}"),
                 ("trainable tensors", "trainable_tensors", "{:,}"), ("trainable values", "trainable_values", "{:,}"),
-                (f"LTE layers on their heads' own weights at batch {to} (merged product)", "merged_layers", "{:,}")]
+                (f"LTE layers on their heads' own weights at batch {to}, forward / backward", "merged_layers",
+                 "{0[0]} / {0[1]}")]
         for label, key, fmt in rows:
             lines.append(f"| {label} | {fmt.format(full[key])} | {fmt.format(lt[key])} | {ratio(lt[key], full[key])} |")
         if "compiled" in r["full"]:

@@ -47,12 +47,14 @@ def formula(lin, x):
     return y.reshape(-1, D_OUT)
 
 
-@pytest.mark.parametrize("product", ["factored", "merged"])
+@pytest.mark.parametrize("merged", [(False, False), (True, True), (True, False), (False, True)],
+                         ids=["factored", "merged", "merged-forward", "merged-backward"])
 @pytest.mark.parametrize("activations,bias,reset", [  # (LoRA-FA is refused with reset=none)
     (a, bias, reset) for a in ("full", "lora_fa", "velora")
     for bias, reset in ((True, "b"), (False, "b"), (True, "none")) if (a, reset) != ("lora_fa", "none")])
-def test_the_fused_layer_gives_the_formula_and_its_gradients_in_fp32(activations, bias, reset, product):
-    lin = layer(activations, bias, reset, product)
+def test_the_fused_layer_gives_the_formula_and_its_gradients_in_fp32(activations, bias, reset, merged):
+    lin = layer(activations, bias, reset)
+    lin.merges = lambda rows: merged  # each direction's way fixed, whatever the rows
     x = torch.randn(HEADS * ROWS, D_IN, requires_grad=True)
     g = torch.randn(HEADS * ROWS, D_OUT)
     params = [p for p in (lin.lora_A, lin.lora_B, lin.bias_heads) if p is not None and p.requires_grad]
@@ -109,25 +111,33 @@ class Writes(TorchDispatchMode):
         return out
 
 
-def test_auto_runs_the_heads_on_their_own_weights_where_that_writes_fewer_bytes():
-    """product="auto" against what each way writes, counted: per-head weights W + s B_h A_h (built in
-    forward and again in backward) against the low-rank product (which writes the output and dx twice).
-    At 16 -> 12 the crossing is 2 * 12 * 16 / 28 = 13.7 rows a head: 13 rows stay factored, 14 merge."""
-    for rows, merges in ((13, False), (14, True)):
-        written = {}
+def test_auto_runs_each_direction_on_the_heads_own_weights_where_that_writes_fewer_bytes():
+    """product="auto" against what each way writes, counted, forward and backward apart: the heads' own
+    weights W + s B_h A_h (N out in values, built in the direction that uses them) against the
+    factored way's second pass over its output (N rows out forward, dx's N rows in backward). At 16 -> 12
+    forward merges past 16 rows a head, backward past 12: 10 rows neither, 14 backward only, 20 both."""
+    built_weights = ("baddbmm", [(HEADS, D_OUT, D_IN)])
+    for rows, expected in ((10, (False, False)), (14, (False, True)), (20, (True, True))):
+        written, grads = {}, {}
         for product in ("factored", "merged", "auto"):
             lin = layer(product=product)
-            x = torch.randn(HEADS * rows, D_IN, requires_grad=True)
-            writes = Writes()
-            with writes:
+            x = torch.randn(HEADS * rows, D_IN, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+            forward, backward = Writes(), Writes()
+            with forward:
                 y = lin(x)
+            with backward:
                 y.backward(torch.ones_like(y))
             torch.testing.assert_close(y, formula(lin, x), rtol=1e-6, atol=1e-5)
-            written[product] = writes.bytes
-            built = [op for op in writes.ops if op == ("baddbmm", [(HEADS, D_OUT, D_IN)])]
-            assert len(built) == (2 if lin.merges(rows) else 0)  # forward and backward
-        assert written["merged"] < written["factored"] if merges else written["factored"] < written["merged"]
-        assert written["auto"] == min(written["factored"], written["merged"])
+            written[product] = (forward.bytes, backward.bytes)
+            grads[product] = [x.grad, lin.lora_A.grad, lin.lora_B.grad, lin.bias_heads.grad]
+            if product == "auto":
+                assert [built_weights in w.ops for w in (forward, backward)] == list(expected)
+        for d, merges in enumerate(expected):
+            cheaper, dearer = ("merged", "factored") if merges else ("factored", "merged")
+            assert written[cheaper][d] < written[dearer][d]
+            assert written["auto"][d] == written[cheaper][d]
+        for got, want in zip(grads["auto"], grads["factored"]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
 def test_an_unknown_product_is_refused_in_one_line_where_it_is_set():

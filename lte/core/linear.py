@@ -7,11 +7,11 @@ factors of every layer by one op, and an fp32 base's cast kept between merges, i
 `precast`). The product runs "factored" (the base product once over the whole batch and the
 heads' as two batched matmuls, one accumulating into the other in place with s as its alpha, a
 per-head bias written by the first; in backward the heads' part of dx accumulated into the base dx
-in place) or "merged" (each head's weight W + s B_h A_h, then one batched matmul), whichever
-writes and computes less at the batch (LTELinear.merges); each factor's gradient is computed in its
-own layout. benchmarks/lte_layer.py compares the explicit
-form with torch.func.vmap over a per-head function; the explicit form was faster (see
-docs/library.md, "How the heads run"); benchmarks/step_cost.py counts a whole step.
+in place) or "merged" (each head's weight W + s B_h A_h, then one batched matmul), forward and
+backward each whichever writes and computes less at the batch (LTELinear.merges); each factor's
+gradient is computed in its own layout. benchmarks/lte_layer.py compares the explicit form with
+torch.func.vmap over a per-head function; the explicit form was faster (see docs/library.md, "How
+the heads run"); benchmarks/step_cost.py counts a whole step.
 In eval the layer is the merged linear alone: x W^T + b, for any batch size.
 
 The base weight is stored in a format from lte.memory (fp32 by default; bf16 or a bitsandbytes
@@ -139,16 +139,17 @@ class LTELinear(nn.Module):
             raise ModelError(f"an LTE layer's product must be one of {PRODUCTS}, got {value!r}")
         self._product = value
 
-    def merges(self, rows: int) -> bool:
+    def merges(self, rows: int) -> tuple[bool, bool]:
         """Whether the heads run on their own weights W + s B_h A_h (`product` "merged") rather than
-        the base product plus the low-rank one ("factored"), at `rows` rows a head. Building the
-        weights, in forward and again in backward, writes 2 N out in values and does 4 N out in r
-        FLOPs; the low-rank product writes the output and dx a second time (N rows (out + in) values)
-        and does 2 N rows r (out + in) FLOPs more. Both favour the weights past 2 out in / (out + in)
-        rows a head ("auto"); a head on a worker has the rows its simulated twin has."""
+        the base product plus the low-rank one ("factored"), at `rows` rows a head: in forward, and in
+        backward. Each direction decides for itself: building the weights writes N out in values and
+        does 2 N out in r FLOPs; the factored way writes its output a second time (the output, N rows
+        out values, forward; dx, N rows in, backward) and does 2 N rows r out (forward) or 2 N rows r in
+        (backward) FLOPs more. Both measures favour the weights past `in` rows a head forward and
+        past `out` backward ("auto"); a head on a worker has the rows its simulated twin has."""
         if self.product != "auto":
-            return self.product == "merged"
-        return rows > 2 * self.out_features * self.in_features / (self.out_features + self.in_features)
+            return (self.product == "merged",) * 2
+        return rows > self.in_features, rows > self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -212,6 +213,7 @@ class LTEHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(x, A, B, bias_heads, bias, precast, scale, merged, fmt, shape, option, dtype, state_names, *tensors):
+        # merged: (forward, backward), whether each runs on the heads' own weights (LTELinear.merges)
         state, payload = _split(state_names, tensors)
         n = A.shape[0]
         xd = x.to(dtype)  # the one cast of each
@@ -219,7 +221,7 @@ class LTEHeads(torch.autograd.Function):
         x3 = xd.view(n, -1, xd.shape[-1])
         W = _decoded(fmt, shape, payload, dtype) if precast[3] is None else precast[3]
         xa = torch.bmm(x3, Ad.transpose(1, 2))
-        if merged:  # every head's weight, then one batched product writing the output once
+        if merged[0]:  # every head's weight, then one batched product writing the output once
             Wh = torch.baddbmm(W, Bd, Ad, alpha=scale).transpose(1, 2)
             b = bias_d.unsqueeze(1) if bias_heads is not None else None if bias is None else bias.to(dtype)
             y = (torch.bmm(x3, Wh) if b is None else torch.baddbmm(b, x3, Wh)).view(-1, Wh.shape[-1])
@@ -245,7 +247,7 @@ class LTEHeads(torch.autograd.Function):
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         Ad, Bd = A if Ad is None else Ad, B if Bd is None else Bd
         ctx.set_materialize_grads(False)  # no zeros for the outputs that are only there to be saved
-        ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale, ctx.merged = fmt, shape, option, dtype, scale, merged
+        ctx.fmt, ctx.shape, ctx.option, ctx.dtype, ctx.scale, ctx.merged = fmt, shape, option, dtype, scale, merged[1]
         ctx.state_names, ctx.x_dtype, ctx.factor_dtype = state_names, x.dtype, A.dtype
         ctx.has_bias_heads = bias_heads is not None
         ctx.save_for_backward(xa, kept if ctx.needs_input_grad[1] else None, Ad, Bd, W, *tensors)
