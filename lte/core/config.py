@@ -39,8 +39,9 @@ class LTEConfig:
                   base table like every linear layer's (its lookup W[idx] + s (B A)^T[idx]).
     product:      how a layer's heads run in training: "factored" (the base product, then the heads'
                   low-rank products added), "merged" (each head's weight W + s B_h A_h, then one batched
-                  product) or "auto" (the default: whichever writes and computes less at the batch's
-                  rows a head, LTELinear.merges). The same values either way, up to rounding.
+                  product) or "auto" (the default: forward and backward each whichever writes and
+                  computes less at the batch's rows a head, LTELinear.merges). The same values
+                  either way, up to rounding.
     seed:         seeds each head's A; head g of layer L draws from (seed, L, g) only, so the
                   same head is initialised the same wherever it runs.
 

@@ -222,7 +222,7 @@ class LTEHeads(torch.autograd.Function):
         W = _decoded(fmt, shape, payload, dtype) if precast[3] is None else precast[3]
         xa = torch.bmm(x3, Ad.transpose(1, 2))
         if merged[0]:  # every head's weight, then one batched product writing the output once
-            Wh = torch.baddbmm(W, Bd, Ad, alpha=scale).transpose(1, 2)
+            Wh = _heads_weights(W, Bd, Ad, scale).transpose(1, 2)
             b = bias_d.unsqueeze(1) if bias_heads is not None else None if bias is None else bias.to(dtype)
             y = (torch.bmm(x3, Wh) if b is None else torch.baddbmm(b, x3, Wh)).view(-1, Wh.shape[-1])
         elif bias_heads is None:
@@ -265,7 +265,7 @@ class LTEHeads(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = _decoded(ctx.fmt, ctx.shape, payload, dtype) if W is None else W
             if ctx.merged:  # the heads' weights built again rather than kept: N times the base's bytes
-                gx = torch.bmm(g3, torch.baddbmm(W, Bd, Ad, alpha=s)).view(g.shape[0], -1)
+                gx = torch.bmm(g3, _heads_weights(W, Bd, Ad, s)).view(g.shape[0], -1)
             else:
                 gx = torch.mm(g, W)
                 gx.view(gxa.shape[0], -1, gx.shape[-1]).baddbmm_(gxa, Ad, alpha=s)
@@ -337,10 +337,15 @@ class BaseCopies:
 def base_copy(layer: LTELinear, dtype: torch.dtype) -> torch.Tensor | None:
     """The layer's base in dtype from the current `precast`'s BaseCopies, or None (a base that is not
     an fp32 master, one already in dtype, outside a `precast` with bases, and under torch.compile)."""
-    if torch.compiler.is_compiling() or not _IN_FORCE or _IN_FORCE[-1].bases is None \
-            or not layer.base.holds_master or dtype == torch.float32:
+    current = _in_force()
+    if current is None or current.bases is None or not layer.base.holds_master or dtype == torch.float32:
         return None
-    return _IN_FORCE[-1].bases.of(layer, dtype)
+    return current.bases.of(layer, dtype)
+
+
+def _in_force() -> _Precast | None:
+    """The innermost precast the layers take their copies from: none under torch.compile."""
+    return None if torch.compiler.is_compiling() or not _IN_FORCE else _IN_FORCE[-1]
 
 
 def precasting() -> bool:
@@ -352,11 +357,16 @@ def precast_of(tensors: tuple, dtype: torch.dtype) -> tuple:
     """Each tensor's copy in dtype from the current `precast`, or None (also for a None tensor, one
     made in this forward such as the factors with reset="none", and under torch.compile, which
     fuses the casts itself)."""
-    if torch.compiler.is_compiling() or not _IN_FORCE:
+    current = _in_force()
+    if current is None:
         return (None,) * len(tensors)
-    kept = _IN_FORCE[-1].copies
-    copies = (None if t is None else kept.get(t) for t in tensors)
+    copies = (None if t is None else current.copies.get(t) for t in tensors)
     return tuple(c if c is not None and c.dtype == dtype else None for c in copies)
+
+
+def _heads_weights(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every head's own weight W + s B_h A_h (heads x out x in), by one batched matmul."""
+    return torch.baddbmm(W, B, A, alpha=scale)
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
