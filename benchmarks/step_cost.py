@@ -79,7 +79,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not _is_view(func):
+        if not _is_view(func) and not _returns_an_input_storage(func, args, out):
             self.ops[self.phase] += 1
             self.names[func.overloadpacket.__name__] += 1
             flat = out if isinstance(out, (tuple, list)) else [out]
@@ -87,6 +87,17 @@ class OpCounter(TorchDispatchMode):
             self.bytes[self.phase] += written
             self.bytes_by_name[func.overloadpacket.__name__] += written
         return out
+
+
+def _returns_an_input_storage(func, args, out) -> bool:
+    """An op that writes nothing and hands back storage it was given: aten's _unsafe_view (reshape's
+    second half, after the clone) is a view its schema does not declare."""
+    if any(r.alias_info is not None for r in func._schema.returns):
+        return False  # a declared view, or an in-place op (which writes)
+    given = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+    flat = out if isinstance(out, (tuple, list)) else [out]
+    outs = list(_tensors(flat))
+    return bool(outs) and all(t.untyped_storage().data_ptr() in given for t in outs)
 
 
 def _tensors(items):

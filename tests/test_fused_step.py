@@ -268,6 +268,29 @@ def test_timm_layer_norms_take_the_per_head_function_and_match_layer_norm_per_he
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiling", [False, True])
+def test_per_head_layer_norm_gradients_hold_fp32_precision_on_an_offset_input(compiling, monkeypatch):
+    """The per-head weight's gradient, op by op (rstd-weighted sums of g x and g) and as the compiled
+    graph takes it (the normalisation again, fused), against float64 per-head layer norms: on many rows
+    and an input whose mean is 50 of its standard deviations, where x - mean cancels."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    torch.manual_seed(0)
+    model = lte.prepare(nn.Sequential(nn.Linear(4, 64), nn.LayerNorm(64)), lte.LTEConfig(heads=2, rank=2))
+    norm = model[1].train()
+    with torch.no_grad():
+        norm.weight_heads.normal_()
+        norm.bias_heads.normal_()
+    x = (torch.randn(2 * 40, 25, 64) * 2 + 100).requires_grad_(True)
+    y = norm(x)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, norm.weight_heads, norm.bias_heads], g)
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, norm.weight_heads, norm.bias_heads))
+    want_y = torch.cat([F.layer_norm(x64[40 * h:40 * h + 40], (64,), w64[h], b64[h], norm.eps) for h in range(2)])
+    want = torch.autograd.grad(want_y, [x64, w64, b64], g.double())
+    for a, b in zip(got, want):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-4  # fp32 sums over 1,000 rows
+
+
 class NotALayerNorm(nn.LayerNorm):
     def forward(self, x):
         return super().forward(x) * 2

@@ -143,8 +143,8 @@ def _headwise_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class _HeadwiseLayerNorm(torch.autograd.Function):
     """y[h] = (x[h] - mean) * rstd * w[h] + b[h] over the last dimension, in fp32 (as autocast runs
     layer_norm); x: heads x rows x C, w and b: heads x C. The normalisation is aten's layer norm
-    (forward and backward), the per-head affine one op; backward normalises x again for w's gradient
-    (one layer norm, where (x - mean) * rstd would be two ops)."""
+    (forward and backward), the per-head affine one op. What is kept is x and the two per-row
+    statistics, as a plain layer norm keeps; w's gradient is taken from them (`_weight_grad`)."""
 
     @staticmethod
     def forward(x, w, b, eps):
@@ -168,10 +168,19 @@ class _HeadwiseLayerNorm(torch.autograd.Function):
         xf, g = x.float(), grad.float()
         grad_x = torch.ops.aten.native_layer_norm_backward(g * w.unsqueeze(1), xf, x.shape[-1:], mean, rstd, None,
                                                            None, [True, False, False])[0]
-        x_hat = torch.native_layer_norm(xf, x.shape[-1:], None, None, ctx.eps)[0]
-        grad_w = (g * x_hat).sum(1).to(w.dtype)
+        grad_w = _weight_grad(g, xf, mean, rstd, ctx.eps).to(w.dtype)
         grad_b = g.sum(1).to(w.dtype) if ctx.has_bias else None
         return grad_x.to(x.dtype), grad_w, grad_b, None
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum over each head's rows of g * (x - mean) * rstd, heads x C; g, x: heads x rows x C, mean and
+    rstd: heads x rows x 1 (fp32 each)."""
+    if torch.compiler.is_compiling():  # inductor fuses the normalisation into the reduction: no pass of its own
+        return (g * torch.native_layer_norm(x, x.shape[-1:], None, None, eps)[0]).sum(1)
+    # Op by op, x - mean would be written out before the product; as rstd-weighted sums over the rows
+    # (two batched products, one row vector each), g * x is the one pass: sum (g x) rstd - sum g (mean rstd).
+    return torch.baddbmm(torch.bmm(rstd.mT, g * x), (mean * rstd).mT, g, alpha=-1).squeeze(1)
 
 
 def _split_forward(self: nn.Module, *args, **kwargs):
