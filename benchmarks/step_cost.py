@@ -62,12 +62,18 @@ IN_PLACE_GEMMS = {torch.ops.aten.addmm_: lambda _, a, b, *args, **kw: flop_count
                   torch.ops.aten.baddbmm_: lambda _, a, b, *args, **kw: flop_counter.bmm_flop(a, b)}
 
 
-def _is_view(func) -> bool:
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+def _writes(func, args, outs: list[torch.Tensor]) -> bool:
+    """Whether an op writes its outputs: not a view its schema declares, nor one it does not (aten's
+    _unsafe_view, reshape's second half after the clone, hands back storage it was given)."""
+    aliases = [r.alias_info for r in func._schema.returns if r.alias_info is not None]
+    if aliases:
+        return all(a.is_write for a in aliases)  # in place, else a declared view
+    given = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+    return not outs or not all(t.untyped_storage().data_ptr() in given for t in outs)
 
 
 class OpCounter(TorchDispatchMode):
-    """Every non-view aten op run inside it, and the bytes its outputs hold, by phase."""
+    """Every aten op run inside it that writes its outputs (`_writes`), and the bytes they hold, by phase."""
 
     def __init__(self):
         super().__init__()
@@ -79,25 +85,14 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not _is_view(func) and not _returns_an_input_storage(func, args, out):
+        outs = list(_tensors(out if isinstance(out, (tuple, list)) else [out]))
+        if _writes(func, args, outs):
             self.ops[self.phase] += 1
             self.names[func.overloadpacket.__name__] += 1
-            flat = out if isinstance(out, (tuple, list)) else [out]
-            written = sum(t.numel() * t.element_size() for t in _tensors(flat))
+            written = sum(t.numel() * t.element_size() for t in outs)
             self.bytes[self.phase] += written
             self.bytes_by_name[func.overloadpacket.__name__] += written
         return out
-
-
-def _returns_an_input_storage(func, args, out) -> bool:
-    """An op that writes nothing and hands back storage it was given: aten's _unsafe_view (reshape's
-    second half, after the clone) is a view its schema does not declare."""
-    if any(r.alias_info is not None for r in func._schema.returns):
-        return False  # a declared view, or an in-place op (which writes)
-    given = {t.untyped_storage().data_ptr() for t in _tensors(args)}
-    flat = out if isinstance(out, (tuple, list)) else [out]
-    outs = list(_tensors(flat))
-    return bool(outs) and all(t.untyped_storage().data_ptr() in given for t in outs)
 
 
 def _tensors(items):
