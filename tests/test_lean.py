@@ -70,6 +70,26 @@ def test_chunked_cross_entropy_equals_the_plain_one(precision, heads, base):
     assert full and not [s for s in kept_c if s[-1:] == (VOCAB,) and s[:-1] in ((B, T), (B * T,))]
 
 
+@pytest.mark.parametrize("heads,chunks", [(None, [4] * 6), (4, [9, 9, 6])])
+def test_a_chunk_holds_at_least_the_output_layers_trainable_values(heads, chunks):
+    """Every chunk's backward writes the output layer's gradient, so a chunk's fp32 logits are never
+    fewer than its trainable values. Asked for one byte a chunk, a position being B x 96 = 384 logits:
+    full-rank's 16 x 96 weight (1,536 values) makes 4 positions a chunk; 4 heads of rank 8 hold
+    4 x (8 x 16 + 96 x 8) = 3,584 values, 3,584 // 384 = 9 positions a chunk (T = 24: 9, 9, 6)."""
+    model = tiny_gpt()
+    if heads:
+        model = lte.prepare(model, lte.LTEConfig(heads=heads, rank=8, alpha=8))
+    chunked = TrainingLoss.of("language_model", model.train(), chunk_mb=1 / 2**20)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    x = torch.randint(0, VOCAB, (B, T))
+    with chunked.forward_mode():
+        outputs = model(x)  # the held-back layer runs as the identity here
+    seen.clear()
+    chunked(outputs, x)
+    assert seen == [(B, n, 16) for n in chunks]
+
+
 def test_lte_embedding_merges_and_exports_as_the_hand_computation():
     """Row i of head h's table is W[i] + s (B_h A_h)^T[i]; a merge adds the heads' mean; export
     loads strictly into a fresh model with the prepared model's eval outputs."""

@@ -259,7 +259,8 @@ class TrainCfg(Section):
     precision: str = "fp32"      # fp32 | bf16 (autocast)
     compile: bool = False        # torch.compile the step (forward + backward; the heads' clip + AdamW apart)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
-    logits_chunk_mb: float = 64.0  # language models: fp32 logits one chunk of the loss may hold; 0 = all at once
+    logits_chunk_mb: float = 64.0  # language models: fp32 logits a chunk of the loss holds (at least the output
+    # layer's trainable values: lte.runtime.tasks); 0 = all at once
     device: str = "auto"         # auto | cpu | cuda
     log_every: int = 10          # steps between progress lines / metrics.jsonl rows
     schedule: str = "cosine"     # cosine | wsd (warmup, constant, decay over the last decay_fraction of the steps)

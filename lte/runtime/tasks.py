@@ -6,7 +6,12 @@ language_model   outputs B x T x V, targets B x T: per-token cross-entropy; eval
 In training, a language model's loss runs over the vocabulary a chunk of positions at a time
 (TrainingLoss.of): the model's output layer is held back while the model runs, and each chunk's
 logits are computed, used and freed, then computed again in backward (activation
-checkpointing), so the batch's B x T x V logits never exist at once.
+checkpointing), so the batch's B x T x V logits never exist at once. Every chunk's backward also
+writes the output layer's parameter gradient (and casts it to fp32 and adds it to the previous
+chunks'), so a chunk whose logits are smaller than that gradient spends more on it than on its
+logits: a chunk holds at least as many fp32 logits as the layer has trainable values (an LTE
+output layer's 32 heads of rank 64 over GPT-2's 50,304 tokens: 103M values, 6.5 chunks' worth of
+the default 64 MiB).
 """
 from __future__ import annotations
 
@@ -42,9 +47,13 @@ class TrainingLoss:
     @staticmethod
     def of(task: str, model: nn.Module, chunk_mb: float) -> TrainingLoss:
         """The loss for `model`: chunked cross-entropy for a language model whose output layer can
-        be found (chunk_mb > 0: the fp32 logits one chunk may hold), else the plain loss."""
+        be found (chunk_mb > 0: the fp32 logits one chunk may hold, at least the layer's trainable
+        values' fp32 bytes: see the module docstring), else the plain loss."""
         head = output_layer(model) if task == "language_model" and chunk_mb > 0 else None
-        return TrainingLoss(task) if head is None else ChunkedLMLoss(head, int(chunk_mb * 2**20))
+        if head is None:
+            return TrainingLoss(task)
+        gradient = sum(p.numel() for p in head.parameters() if p.requires_grad) * 4
+        return ChunkedLMLoss(head, max(int(chunk_mb * 2**20), gradient))
 
     def forward_mode(self):
         return contextlib.nullcontext()
